@@ -1,0 +1,136 @@
+"""The `sb2` command line. Each command resolves the validated config and calls one stage function of the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="SwiftBrush v2: one-step text-to-image distillation.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+Profile = Annotated[str, typer.Option("--profile", "-p", help="Config profile: tiny or sd21.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file merged over the profile.")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+def _user_errors(fn):
+    """A user error (bad config, missing model or file) is one line on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from sb2.config import ConfigError
+        from sb2.models.loading import ModelLoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, ModelLoadError, FileNotFoundError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _cfg(profile: str, config: Optional[Path], sets: Optional[list[str]]):
+    from sb2.config import load_config
+
+    return load_config(profile, sets or [], config)
+
+
+@app.command()
+@_user_errors
+def train(
+    scheme: Annotated[str, typer.Option(help="full (branch A, VSD only) or lora (branch B, VSD + clamped CLIP).")],
+    out: Out,
+    profile: Profile = "sd21",
+    config: ConfigFile = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
+):
+    """Train one branch of SwiftBrush v2 and save the student."""
+    from sb2.train.loop import train as run
+
+    if scheme not in ("full", "lora"):
+        raise ValueError(f"--scheme must be full or lora, not {scheme!r}")
+    path = run(_cfg(profile, config, set_), scheme, out)
+    typer.echo(f"student saved to {path}")
+
+
+@app.command()
+@_user_errors
+def merge(
+    a: Annotated[Path, typer.Argument(help="Student A (e.g. the full branch).")],
+    b: Annotated[Path, typer.Argument(help="Student B (e.g. the lora branch; its LoRA is folded first).")],
+    out: Out,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="θ = λ·θ_A + (1−λ)·θ_B; default merge.lam.")] = None,
+    profile: Profile = "sd21",
+    config: ConfigFile = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
+):
+    """Merge two one-step students by linear weight interpolation (paper eq. 6)."""
+    from sb2.merge import merge_students
+
+    cfg = _cfg(profile, config, (set_ or []) + ([f"merge.lam={lam}"] if lam is not None else []))
+    path = merge_students(a, b, cfg.merge.lam, out, cfg.models)
+    typer.echo(f"merged UNet (lambda={cfg.merge.lam}) saved to {path}")
+
+
+@app.command()
+@_user_errors
+def generate(
+    model: Annotated[Path, typer.Option(help="A UNet folder, LoRA student folder or exported pipeline.")],
+    out: Out,
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="File with one prompt a line.")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="Seeds, one per prompt (default generate.seed+i).")] = None,
+    interpolate: Annotated[Optional[str], typer.Option(help="noise or prompt (slerp, paper 8.3/8.4).")] = None,
+    steps: Annotated[int, typer.Option(help="Frames of an interpolation.")] = 8,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    profile: Profile = "sd21",
+    config: ConfigFile = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
+):
+    """Generate images in one step: PNGs, a grid and generate.json."""
+    from sb2.generation.generator import generate as run, read_prompt_args
+
+    cfg = _cfg(profile, config, set_)
+    ps = read_prompt_args(prompts, str(prompt_file) if prompt_file else None)
+    rec = run(model, ps, out, cfg, device=device, seeds=seed, interpolate=interpolate, steps=steps)
+    typer.echo(f"{rec['count']} images and grid.png written to {out}")
+
+
+@app.command()
+@_user_errors
+def export(
+    model: Annotated[Path, typer.Option(help="A UNet folder or LoRA student folder.")],
+    out: Out,
+    profile: Profile = "sd21",
+    config: ConfigFile = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
+):
+    """Export a student as a complete diffusers StableDiffusionPipeline folder (1 step, t = 999)."""
+    from sb2.generation.export import export_pipeline
+
+    path = export_pipeline(model, _cfg(profile, config, set_), out)
+    typer.echo(f"pipeline saved to {path}; load with StableDiffusionPipeline.from_pretrained and run "
+               f"num_inference_steps=1, guidance_scale=0")
+
+
+@app.command("config")
+@_user_errors
+def show_config(profile: Profile = "sd21", config: ConfigFile = None, set_: Sets = None):
+    """Print the resolved, validated config as YAML."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_cfg(profile, config, set_).model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

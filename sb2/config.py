@@ -1,0 +1,221 @@
+"""The one validated config schema (pydantic) and its profiles.
+
+A config is a profile (``sb2/profiles/<name>.yaml``) plus ``key.sub=value`` overrides. An unknown key, a wrong type
+or an out-of-range value is a :class:`ConfigError` carrying one line that names the key and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A user error in a config: the message is one line naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Strict):
+    """Where every model comes from: a Hub id, a local folder, or ``tiny:`` for the built-in tiny test world."""
+
+    teacher: str = "stabilityai/stable-diffusion-2-1-base"
+    # Student initialization (paper 4.2, 7.3): SD-Turbo by default; the teacher itself or any one-step UNet works too.
+    student: str = "stabilityai/sd-turbo"
+    student_prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    tiny_vae: str = "madebyollin/taesd"
+    # open_clip: a pretrained tag ("ViT-B-32:laion2b_s34b_b79k"), "hf-hub:org/repo" or a local open_clip folder.
+    clip: str = "ViT-B-32:laion2b_s34b_b79k"
+    revision: str | None = None
+    # Models are loaded from the local cache only when true (clusters without internet).
+    local_files_only: bool = False
+
+
+class VSDConfig(_Strict):
+    """Variational Score Distillation, paper eq. (4)."""
+
+    guidance_scale: float = Field(4.5, ge=0.0)
+    # The LoRA teacher is the "fake score" that tracks the student's distribution; like ProlificDreamer and
+    # SwiftBrush it sees the text without guidance by default (scale 1 = conditional prediction only).
+    lora_guidance_scale: float = Field(1.0, ge=0.0)
+    t_min: float = Field(0.02, ge=0.0, le=1.0)
+    t_max: float = Field(0.98, ge=0.0, le=1.0)
+    weighting: Literal["one_minus_alpha_bar", "constant", "snr_inverse"] = "one_minus_alpha_bar"
+    # "mean" as SwiftBrush (gradient divided by the number of latent elements); "sum" gives w(t)(eps_t - eps_l) per
+    # sample exactly.
+    reduction: Literal["mean", "sum"] = "mean"
+    student_timestep: int = Field(999, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "VSDConfig":
+        if self.t_min >= self.t_max:
+            raise ValueError("t_min must be below t_max")
+        return self
+
+
+class LoraConfigSection(_Strict):
+    rank: int = Field(64, gt=0)
+    alpha: float = Field(128.0, gt=0.0)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class LoraTeacherConfig(LoraConfigSection):
+    lr: float = Field(1e-3, gt=0.0)
+    null_text_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    updates_per_student_update: int = Field(1, ge=1)
+
+
+class ClipLossConfig(_Strict):
+    """Clamped CLIP loss, paper eq. (5), and its weight schedule."""
+
+    enabled: bool = True
+    tau: float = Field(0.35, ge=-1.0, le=1.0)
+    clamp: bool = True
+    weight: float = Field(0.1, ge=0.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    end_weight: float = Field(0.0, ge=0.0)
+
+
+class OptimConfig(_Strict):
+    student_lr: float = Field(1e-6, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
+class EMAConfig(_Strict):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    gradient_checkpointing: bool = True
+    log_every: int = Field(10, ge=1)
+    # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.
+    prompts: str = "data/samples/prompts.txt"
+    num_workers: int = Field(0, ge=0)
+
+
+class StudentLoraConfig(LoraConfigSection):
+    rank: int = Field(256, gt=0)
+    alpha: float = Field(512.0, gt=0.0)
+
+
+class MergeConfig(_Strict):
+    lam: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class GenerateConfig(_Strict):
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    decoder: Literal["vae", "tiny_vae"] = "vae"
+    grid_cols: int = Field(4, ge=1)
+
+
+class Config(_Strict):
+    profile: str = "sd21"
+    models: ModelsConfig = ModelsConfig()
+    train: TrainConfig = TrainConfig()
+    vsd: VSDConfig = VSDConfig()
+    lora_teacher: LoraTeacherConfig = LoraTeacherConfig()
+    student_lora: StudentLoraConfig = StudentLoraConfig()
+    clip_loss: ClipLossConfig = ClipLossConfig()
+    optim: OptimConfig = OptimConfig()
+    ema: EMAConfig = EMAConfig()
+    merge: MergeConfig = MergeConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        if not (PROFILES_DIR / f"{v}.yaml").is_file():
+            raise ValueError(f"unknown profile {v!r} (known: {', '.join(available_profiles())})")
+        return v
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value read as YAML (``1e-3`` → float, ``true`` → bool, ``[a, b]`` → list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {msg}{extra}"
+
+
+def load_config(profile: str = "sd21", overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
+    """Resolve profile → optional YAML file → ``key=value`` overrides, and validate the result."""
+    if not (PROFILES_DIR / f"{profile}.yaml").is_file():
+        raise ConfigError(f"profile: unknown profile {profile!r} (known: {', '.join(available_profiles())})")
+    tree: dict[str, Any] = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    tree["profile"] = profile
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r}: not found")
+        try:
+            extra = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r}: not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(extra, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        _deep_update(tree, extra)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
