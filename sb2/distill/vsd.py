@@ -10,9 +10,14 @@ def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coef.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _atleast_f32(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in fp32 under mixed precision (and in fp64 when given fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t) for integer timesteps ``t`` (eq. 1)."""
-    a_bar = alphas_cumprod.to(t.device)[t].float()
+    a_bar = _atleast_f32(alphas_cumprod.to(t.device)[t])
     return a_bar.sqrt(), (1.0 - a_bar).sqrt()
 
 
@@ -54,7 +59,7 @@ def sample_timesteps(
 
 def vsd_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, kind: str = "one_minus_alpha_bar") -> torch.Tensor:
     """w(t) of eq. (4). SwiftBrush uses 1 − ᾱ_t (= σ_t², ProlificDreamer's choice)."""
-    a_bar = alphas_cumprod.to(t.device)[t].float()
+    a_bar = _atleast_f32(alphas_cumprod.to(t.device)[t])
     if kind == "one_minus_alpha_bar":
         return 1.0 - a_bar
     if kind == "constant":
@@ -81,10 +86,11 @@ def vsd_loss(
     With ``reduction="sum"`` the loss sums over a sample's elements and averages over the batch, so ∂L/∂x̂0_i = g_i / B;
     ``"mean"`` (SwiftBrush's) also divides by the number of elements per sample. Returns (loss, g).
     """
-    grad = _expand(weight, x0).float() * (eps_teacher.float() - eps_lora.float())
+    x0 = _atleast_f32(x0)
+    grad = _expand(weight, x0) * (eps_teacher.to(x0.dtype) - eps_lora.to(x0.dtype))
     grad = torch.nan_to_num(grad)
-    target = (x0.float() - grad).detach()
-    per_elem = 0.5 * (x0.float() - target) ** 2
+    target = (x0 - grad).detach()
+    per_elem = 0.5 * (x0 - target) ** 2
     per_sample = per_elem.flatten(1).sum(1)
     if reduction == "mean":
         per_sample = per_sample / per_elem[0].numel()
@@ -95,4 +101,4 @@ def vsd_loss(
 
 def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """ε-prediction loss ‖ε_ψ(x_t, t, y) − ε‖² of the LoRA teacher (eq. 2), mean over elements."""
-    return F.mse_loss(eps_pred.float(), noise.float())
+    return F.mse_loss(_atleast_f32(eps_pred), _atleast_f32(noise).to(_atleast_f32(eps_pred).dtype))

@@ -7,25 +7,24 @@ from pathlib import Path
 
 
 def export_pipeline(model: str | Path, cfg, out_dir: str | Path) -> Path:
-    """Student UNet + the teacher's text encoder, tokenizer and VAE + an Euler scheduler with trailing spacing (one
-    step lands on t = 999, and its Euler step from σ_max to 0 is exactly x̂0 = (z − σ ε)/α of the student)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    """Student UNet + the teacher's text encoder, tokenizer and VAE + a DDIM scheduler with trailing spacing.
+
+    With one step, trailing spacing lands on t = 999, the initial noise is not rescaled (init_noise_sigma = 1) and,
+    with ᾱ_prev = 1 and no clipping, DDIM's step returns exactly x̂0 = (z − √(1−ᾱ) ε)/√ᾱ, the student's output.
+    (Euler with trailing spacing, SD-Turbo's choice, scales the input noise by σ/√(σ²+1) ≈ 0.998 instead of 1.)"""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from sb2.atomic import atomic_dir
-    from sb2.models.loading import load_one_step_unet, load_text_encoder, load_vae, resolve
+    from sb2.models.loading import load_noise_scheduler, load_one_step_unet, load_text_encoder, load_vae
 
-    if cfg.models.student_prediction_type != "epsilon":
-        pred = cfg.models.student_prediction_type
-    else:
-        pred = "epsilon"
     unet = load_one_step_unet(model, cfg.models)
     text_encoder, tokenizer = load_text_encoder(cfg.models.teacher, cfg.models)
     vae = load_vae(cfg.models.teacher, cfg.models)
-    sched_kw = {"subfolder": "scheduler"}
-    teacher_path = resolve(cfg.models.teacher)
-    scheduler = EulerDiscreteScheduler.from_pretrained(teacher_path, **sched_kw)
-    scheduler = EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing",
-                                                   prediction_type=pred)
+    teacher_sched = load_noise_scheduler(cfg.models.teacher, cfg.models)
+    scheduler = DDIMScheduler.from_config(
+        teacher_sched.config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+        thresholding=False, steps_offset=0, prediction_type=cfg.models.student_prediction_type,
+    )
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -1,0 +1,62 @@
+"""The validated config: profiles, overrides, and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sb2.config import ConfigError, load_config
+
+
+def test_profiles_resolve():
+    sd = load_config("sd21")
+    assert sd.models.teacher == "stabilityai/stable-diffusion-2-1-base"
+    assert sd.models.student == "stabilityai/sd-turbo"
+    assert (sd.vsd.guidance_scale, sd.lora_teacher.rank, sd.lora_teacher.alpha) == (4.5, 64, 128)
+    assert (sd.student_lora.rank, sd.student_lora.alpha, sd.clip_loss.tau, sd.clip_loss.weight) == (256, 512, 0.35, 0.1)
+    assert (sd.optim.student_lr, sd.lora_teacher.lr, sd.merge.lam) == (1e-6, 1e-3, 0.5)
+    assert load_config("tiny").models.teacher == "tiny:teacher"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["train.steps=7", "clip_loss.clamp=false", "optim.student_lr=3e-4"])
+    assert cfg.train.steps == 7 and cfg.clip_loss.clamp is False and cfg.optim.student_lr == 3e-4
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.stepz=3", "train.stepz: unknown key"),
+        ("merge.lam=1.5", "merge.lam"),
+        ("clip_loss.tau=2", "clip_loss.tau"),
+        ("lora_teacher.rank=0", "lora_teacher.rank"),
+        ("train.steps=-1", "train.steps"),
+        ("train.steps=many", "train.steps"),
+        ("vsd.t_min=0.99", "t_min must be below t_max"),
+        ("nonsense", "expected key=value"),
+    ],
+)
+def test_bad_values_are_one_line_errors(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_profile():
+    with pytest.raises(ConfigError, match="unknown profile"):
+        load_config("nope")
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sb2.cli", "train", "--scheme", "full", "--out", str(tmp_path / "o"),
+                        "-p", "tiny", "--set", "merge.lam=3"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: merge.lam") and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "sb2.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for cmd in ("train", "merge", "generate", "export"):
+        assert cmd in r.stdout

@@ -1,0 +1,147 @@
+"""VSD (paper eq. 4), x̂0 recovery and the LoRA teacher, against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from sb2.distill.vsd import add_noise, diffusion_loss, guided, predict_x0, sample_timesteps, vsd_loss, vsd_weight
+
+
+def sd_alphas_cumprod():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def test_alpha_bar_at_999_comes_from_the_scheduler(tiny_world):
+    from diffusers import DDPMScheduler
+
+    from sb2.models.loading import load_noise_scheduler
+
+    sched = load_noise_scheduler(tiny_world["teacher"])
+    a_bar = sched.alphas_cumprod
+    assert a_bar[999].item() == pytest.approx(sd_alphas_cumprod()[999].item(), rel=1e-6)
+    assert a_bar[999].item() == pytest.approx(0.00466, abs=1e-5)
+    # another schedule gives another ᾱ: nothing may assume 0.0047
+    other = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02).alphas_cumprod
+    z, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 999])
+    assert not torch.allclose(predict_x0(eps, z, a_bar, t), predict_x0(eps, z, other, t))
+
+
+def test_predict_x0_inverts_add_noise():
+    ac = sd_alphas_cumprod()
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([999, 500, 20])
+    xt = add_noise(x0, eps, ac, t)
+    a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(xt, a * x0 + s * eps)
+    torch.testing.assert_close(predict_x0(eps, xt, ac, t), x0, atol=2e-4, rtol=1e-4)
+    v = a * eps - s * x0
+    torch.testing.assert_close(predict_x0(v, xt, ac, t, "v_prediction"), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_student_x0_at_t999_by_hand():
+    from sb2.student import student_x0
+
+    ac = sd_alphas_cumprod()
+
+    class Const(torch.nn.Module):
+        def forward(self, z, t, encoder_hidden_states):
+            assert (t == 999).all()
+            return type("O", (), {"sample": torch.full_like(z, 0.5)})()
+
+    z = torch.ones(1, 4, 2, 2)
+    x0 = student_x0(Const(), z, torch.zeros(1, 3, 8), ac)
+    expected = (1 - math.sqrt(1 - ac[999].item()) * 0.5) / math.sqrt(ac[999].item())
+    assert x0.flatten()[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_weights_guidance_and_timesteps():
+    ac = sd_alphas_cumprod()
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(vsd_weight(ac, t), 1 - ac[t])
+    torch.testing.assert_close(vsd_weight(ac, t, "constant"), torch.ones(3))
+    eu, ec = torch.tensor([1.0]), torch.tensor([3.0])
+    assert guided(eu, ec, 4.5).item() == pytest.approx(1 + 4.5 * 2)
+    assert guided(eu, ec, 1.0).item() == 3.0
+    ts = sample_timesteps(10000, 1000, 0.02, 0.98, torch.Generator().manual_seed(0))
+    assert ts.min().item() == 20 and ts.max().item() == 979
+
+
+def test_vsd_gradient_on_x0_is_w_times_score_difference():
+    ac = sd_alphas_cumprod()
+    x0 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    et, el = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 900])
+    w = vsd_weight(ac, t)
+    loss, g = vsd_loss(x0, et, el, w, reduction="sum")
+    loss.backward()
+    expected = w.view(-1, 1, 1, 1) * (et - el)
+    torch.testing.assert_close(g, expected)
+    torch.testing.assert_close(x0.grad, expected / 2)  # averaged over the batch of 2
+    # the loss value: 0.5‖g‖² per sample, averaged
+    assert loss.item() == pytest.approx(0.5 * (expected ** 2).flatten(1).sum(1).mean().item(), rel=1e-5)
+    x0.grad = None
+    loss, _ = vsd_loss(x0, et, el, w, reduction="mean")
+    loss.backward()
+    torch.testing.assert_close(x0.grad, expected / 2 / (4 * 8 * 8))
+
+
+def test_vsd_gradient_reaches_student_parameters_as_vector_jacobian_product(tiny_world):
+    """On a tiny UNet: ∂L/∂θ = (∂x̂0/∂θ)ᵀ w(t)(ε_t − ε_l) / B, computed independently by autograd."""
+    from sb2.models.loading import load_unet
+    from sb2.student import student_x0
+
+    unet = load_unet(tiny_world["student"]).double()
+    ac = sd_alphas_cumprod().double()
+    z, emb = torch.randn(2, 4, 8, 8).double(), torch.randn(2, 77, 32).double()
+    et, el = torch.randn(2, 4, 8, 8).double(), torch.randn(2, 4, 8, 8).double()
+    w = vsd_weight(ac, torch.tensor([300, 700]))
+    params = [p for p in unet.parameters()]
+    x0 = student_x0(unet, z, emb, ac)
+    loss, g = vsd_loss(x0, et, el, w, reduction="sum")
+    grads = torch.autograd.grad(loss, params)
+    x0 = student_x0(unet, z, emb, ac)
+    vjp = torch.autograd.grad((x0 * g).sum() / 2, params)
+    for a, b in zip(grads, vjp):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert any(a.abs().sum() > 0 for a in grads)
+
+
+def test_diffusion_loss_value():
+    eps, noise = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    assert diffusion_loss(eps, noise).item() == pytest.approx(2.5)
+
+
+def test_lora_teacher_shares_the_teacher_weights(tiny_cfg):
+    """One UNet in memory: the LoRA teacher is an adapter on the frozen teacher, switched off for the teacher."""
+    from sb2.models.loading import load_teacher, load_unet
+    from sb2.models.lora import add_lora
+
+    teacher = load_teacher(tiny_cfg.models)
+    unet = teacher.unet
+    base_ptrs = {n: p.data_ptr() for n, p in unet.named_parameters()}
+    n_base = sum(p.numel() for p in unet.parameters())
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=emb).sample
+    lora = add_lora(unet, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for p in lora:  # make the adapter non-trivial
+            p.add_(0.1 * torch.randn_like(p))
+    # base weights still the same tensors, and only the LoRA parameters were added
+    for n, p in unet.named_parameters():
+        if "lora_" not in n:
+            key = n.replace(".base_layer", "")
+            assert p.data_ptr() == base_ptrs[key]
+            assert not p.requires_grad
+    assert sum(p.numel() for p in unet.parameters()) == n_base + sum(p.numel() for p in lora)
+    with torch.no_grad():
+        unet.disable_adapters()
+        off = unet(x, t, encoder_hidden_states=emb).sample
+        unet.enable_adapters()
+        on = unet(x, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(off, ref)
+    assert (on - ref).abs().max() > 1e-4
+    del load_unet
