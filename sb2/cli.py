@@ -51,11 +51,16 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
 ):
     """Train one branch of SwiftBrush v2 and save the student."""
-    from sb2.train.loop import train as run
+    from sb2.train.loop import TrainingDiverged, train as run
 
     if scheme not in ("full", "lora"):
         raise ValueError(f"--scheme must be full or lora, not {scheme!r}")
-    path = run(_cfg(profile, config, set_), scheme, out)
+    cfg = _cfg(profile, config, set_)
+    try:
+        path = run(cfg, scheme, out)
+    except TrainingDiverged as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
     typer.echo(f"student saved to {path}")
 
 

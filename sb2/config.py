@@ -6,6 +6,7 @@ or an out-of-range value is a :class:`ConfigError` carrying one line that names 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,10 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 
 class ConfigError(ValueError):
     """A user error in a config: the message is one line naming the key."""
+
+    def __init__(self, message: str):
+        # A hostile key or value may carry newlines or terminal escapes: show them escaped, on one line.
+        super().__init__(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], message))
 
 
 class _Strict(BaseModel):
@@ -36,6 +41,15 @@ class ModelsConfig(_Strict):
     revision: str | None = None
     # Models are loaded from the local cache only when true (clusters without internet).
     local_files_only: bool = False
+
+    @field_validator("teacher", "student", "tiny_vae", "clip")
+    @classmethod
+    def _local_path_exists(cls, v: str) -> str:
+        if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
+            raise ValueError(f"local model path {v!r} does not exist")
+        if not v.strip():
+            raise ValueError("empty model id")
+        return v
 
 
 class VSDConfig(_Strict):
@@ -107,6 +121,19 @@ class TrainConfig(_Strict):
     # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.
     prompts: str = "data/samples/prompts.txt"
     num_workers: int = Field(0, ge=0)
+    # A step with a non-finite loss or gradient is skipped; this many in a row stop the run.
+    max_consecutive_nonfinite: int = Field(10, ge=1)
+
+
+class CheckpointConfig(_Strict):
+    """Preemption safety: periodic atomic checkpoints, automatic resume, a clean exit on SIGTERM."""
+
+    every: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    resume: bool = True
+    # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds (30 s by default): the run saves at
+    # the end of the step in flight, so one step plus one checkpoint write must fit in this budget.
+    grace_period_s: float = Field(30.0, gt=0.0)
 
 
 class StudentLoraConfig(LoraConfigSection):
@@ -136,6 +163,7 @@ class Config(_Strict):
     clip_loss: ClipLossConfig = ClipLossConfig()
     optim: OptimConfig = OptimConfig()
     ema: EMAConfig = EMAConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     merge: MergeConfig = MergeConfig()
     generate: GenerateConfig = GenerateConfig()
 

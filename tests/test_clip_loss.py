@@ -39,7 +39,7 @@ def _student_lora_grads(tiny_cfg, clip_weight: float, tau: float):
     from contextlib import nullcontext
 
     from sb2.student import encode_prompts
-    from sb2.train.loop import build_models, student_step
+    from sb2.train.steps import build_models, student_step
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.clip_loss.weight = clip_weight

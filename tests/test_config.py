@@ -34,6 +34,7 @@ def test_overrides_are_typed():
         ("train.steps=many", "train.steps"),
         ("vsd.t_min=0.99", "t_min must be below t_max"),
         ("nonsense", "expected key=value"),
+        ("models.teacher=/no/such/folder", "models.teacher: local model path '/no/such/folder' does not exist"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, words):

@@ -10,7 +10,7 @@ import torch
 
 def test_one_iteration_updates_student_and_lora_teacher_only(tiny_cfg):
     from sb2.student import encode_prompts
-    from sb2.train.loop import build_models, lora_teacher_loss, student_step
+    from sb2.train.steps import build_models, lora_teacher_loss, student_step
 
     m = build_models(tiny_cfg, "full", "cpu")
     teacher_base = {n: p.detach().clone() for n, p in m.teacher_unet.named_parameters() if "lora_" not in n}

@@ -94,14 +94,13 @@ def generate(model: str | Path, prompts: list[str], out_dir: str | Path, cfg, de
     ``interpolate="noise"`` slerps between the noises of seeds[0] and seeds[1] for prompts[0] (paper 8.3);
     ``"prompt"`` slerps between the embeddings of prompts[0] and prompts[1] with one noise (paper 8.4).
     """
+    from sb2.atomic import atomic_dir
     from sb2.generation.images import save_grid, to_pil
     from sb2.generation.interpolate import slerp_path
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.generate.dtype if device != "cpu" else "float32"
     gen = OneStepGenerator.load(model, cfg, device=device, dtype=dtype, decoder=cfg.generate.decoder)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base = cfg.generate.seed
     if interpolate == "noise":
         s = seeds or [base, base + 1]
@@ -128,9 +127,10 @@ def generate(model: str | Path, prompts: list[str], out_dir: str | Path, cfg, de
         record = {"prompts": prompts, "seeds": seeds}
     else:
         raise ValueError(f"interpolate must be 'noise' or 'prompt', not {interpolate!r}")
-    for i, im in enumerate(to_pil(images)):
-        im.save(out / f"{i:04d}.png")
-    save_grid(images, out / "grid.png", cols=cfg.generate.grid_cols if interpolate is None else steps)
     record.update(model=str(model), count=len(images))
-    (out / "generate.json").write_text(json.dumps(record, indent=2))
+    with atomic_dir(out_dir) as out:
+        for i, im in enumerate(to_pil(images)):
+            im.save(out / f"{i:04d}.png")
+        save_grid(images, out / "grid.png", cols=cfg.generate.grid_cols if interpolate is None else steps)
+        (out / "generate.json").write_text(json.dumps(record, indent=2))
     return record

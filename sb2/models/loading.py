@@ -6,7 +6,6 @@ No module below the training loop knows whether a model is SD2.1, a mini-world m
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +70,21 @@ def _from_pretrained(cls, model_id: str, name: str, models_cfg=None, dtype=None,
     path = resolve(model_id)
     sub = _subfolder(path, name)
     kw = dict(_hub_kwargs(models_cfg), **extra)
+    if cls.__name__ != "DDPMScheduler":
+        kw["use_safetensors"] = True  # never unpickle: a pickled .bin is refused, not loaded
     if sub:
         kw["subfolder"] = sub
     if dtype is not None:
         kw["torch_dtype"] = dtype
     try:
         return cls.from_pretrained(os.path.expanduser(path), **kw)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ModelLoadError(f"cannot load {cls.__name__} from {model_id!r}: {first}") from e
+    except Exception as e:  # noqa: BLE001 — safetensors, hub and config errors all mean "not a usable model"
+        raise ModelLoadError(f"cannot load {cls.__name__} from {model_id!r}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def load_unet(model_id: str, models_cfg=None, dtype=None, device="cpu"):
@@ -121,9 +126,9 @@ def load_text_encoder(model_id: str, models_cfg=None, dtype=None, device="cpu"):
     try:
         tok = CLIPTokenizer.from_pretrained(os.path.expanduser(path), subfolder="tokenizer", **kw)
         enc = CLIPTextModel.from_pretrained(os.path.expanduser(path), subfolder="text_encoder",
-                                            dtype=dtype, **kw).to(device)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the text encoder of {model_id!r}: {str(e).splitlines()[0]}") from e
+                                            dtype=dtype, use_safetensors=True, **kw).to(device)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the text encoder of {model_id!r}: {_first_line(e)}") from e
     return enc.eval().requires_grad_(False), tok
 
 
@@ -142,9 +147,9 @@ def load_tiny_vae(model_id: str, models_cfg=None, dtype=None, device="cpu"):
     if dtype is not None:
         kw["torch_dtype"] = dtype
     try:
-        vae = AutoencoderTiny.from_pretrained(os.path.expanduser(path), **kw)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load AutoencoderTiny from {model_id!r}: {str(e).splitlines()[0]}") from e
+        vae = AutoencoderTiny.from_pretrained(os.path.expanduser(path), use_safetensors=True, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load AutoencoderTiny from {model_id!r}: {_first_line(e)}") from e
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -192,8 +197,8 @@ def load_clip(model_id: str, device="cpu", dtype=None) -> ClipScorer:
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(name)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"cannot load open_clip model {model_id!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 — open_clip loads checkpoints with weights_only=True
+        raise ModelLoadError(f"cannot load open_clip model {model_id!r}: {_first_line(e)}") from e
     if dtype is not None:
         model = model.to(dtype)
     size = model.visual.image_size

@@ -53,10 +53,16 @@ def load_lora_scale_and_weights(folder: str | Path) -> tuple[float, dict[str, to
     from peft import LoraConfig
     from safetensors.torch import load_file
 
+    from sb2.models.loading import ModelLoadError
+
     folder = Path(folder)
-    cfg = LoraConfig.from_pretrained(str(folder))
+    try:
+        cfg = LoraConfig.from_pretrained(str(folder))
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{folder} is not a usable LoRA adapter: {str(e).strip().splitlines()[0]}") from e
     scale = cfg.lora_alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
-    return scale, load_file(str(folder / "adapter_model.safetensors"))
+    return scale, weights
 
 
 def load_folded_lora_unet(folder: str | Path, models_cfg=None, dtype=None, device="cpu"):

@@ -170,7 +170,8 @@ def build_tiny_world(root: str | Path) -> Path:
     final = root / TINY_VERSION
     if (final / "done").is_file():
         return final
-    with atomic_dir(final) as tmp:
+    # Building seeds torch's global RNG; a run that builds the world must draw the same numbers as one that finds it.
+    with torch.random.fork_rng(devices=[]), atomic_dir(final) as tmp:
         tok_dir = tmp / "_tokenizer"
         save_clip_tokenizer(tok_dir)
         from transformers import CLIPTokenizer
