@@ -12,7 +12,8 @@ import typer
 app = typer.Typer(help="SwiftBrush v2: one-step text-to-image distillation.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="Config profile: tiny or sd21.")]
+Profile = Annotated[Optional[str], typer.Option("--profile", "-p", help="Config profile: tiny or sd21 (default: the "
+                                                                       "config file's profile, else sd21).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file merged over the profile.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
@@ -46,7 +47,7 @@ def _cfg(profile: str, config: Optional[Path], sets: Optional[list[str]]):
 def train(
     scheme: Annotated[str, typer.Option(help="full (branch A, VSD only) or lora (branch B, VSD + clamped CLIP).")],
     out: Out,
-    profile: Profile = "sd21",
+    profile: Profile = None,
     config: ConfigFile = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
 ):
@@ -71,7 +72,7 @@ def merge(
     b: Annotated[Path, typer.Argument(help="Student B (e.g. the lora branch; its LoRA is folded first).")],
     out: Out,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="θ = λ·θ_A + (1−λ)·θ_B; default merge.lam.")] = None,
-    profile: Profile = "sd21",
+    profile: Profile = None,
     config: ConfigFile = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
 ):
@@ -94,7 +95,7 @@ def generate(
     interpolate: Annotated[Optional[str], typer.Option(help="noise or prompt (slerp, paper 8.3/8.4).")] = None,
     steps: Annotated[int, typer.Option(help="Frames of an interpolation.")] = 8,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
-    profile: Profile = "sd21",
+    profile: Profile = None,
     config: ConfigFile = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
 ):
@@ -112,7 +113,7 @@ def generate(
 def export(
     model: Annotated[Path, typer.Option(help="A UNet folder or LoRA student folder.")],
     out: Out,
-    profile: Profile = "sd21",
+    profile: Profile = None,
     config: ConfigFile = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
 ):
@@ -124,9 +125,27 @@ def export(
                f"num_inference_steps=1, guidance_scale=0")
 
 
+@app.command()
+@_user_errors
+def register(
+    model: Annotated[Path, typer.Option(help="The merged student (UNet folder) or an exported pipeline.")],
+    out: Out,
+    metrics: Annotated[Optional[Path], typer.Option(help="metrics.json of the evaluate stage.")] = None,
+    profile: Profile = None,
+    config: ConfigFile = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")] = None,
+):
+    """Log the student as an MLflow model, register a version (alias challenger), promote to champion if better."""
+    from sb2.registry import register as run
+
+    rec = run(model, metrics, _cfg(profile, config, set_), out)
+    verdict = "promoted to champion" if rec["promoted"] else "not promoted"
+    typer.echo(f"{rec['model_name']} version {rec['version']}: {verdict} ({rec['reason']})")
+
+
 @app.command("config")
 @_user_errors
-def show_config(profile: Profile = "sd21", config: ConfigFile = None, set_: Sets = None):
+def show_config(profile: Profile = None, config: ConfigFile = None, set_: Sets = None):
     """Print the resolved, validated config as YAML."""
     import yaml
 

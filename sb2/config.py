@@ -136,6 +136,27 @@ class CheckpointConfig(_Strict):
     grace_period_s: float = Field(30.0, gt=0.0)
 
 
+class TrackingConfig(_Strict):
+    """MLflow: a local SQLite store by default, the server in MLFLOW_TRACKING_URI (or ``uri``) when given."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "sb2"
+    system_metrics: bool = True
+    # Every this many steps, a grid of fixed prompts and seeds is logged (0: only at the end).
+    image_every: int = Field(1000, ge=0)
+
+
+class RegisterConfig(_Strict):
+    """The promotion gate of the MLflow registry."""
+
+    model_name: str = Field("sb2-swiftbrush-v2", min_length=1)
+    # champion moves only if FID is lower and CLIP is not worse than the champion's by more than this.
+    clip_margin: float = Field(0.005, ge=0.0)
+    lock_timeout_s: float = Field(120.0, gt=0.0)
+    stale_lock_s: float = Field(900.0, gt=0.0)
+
+
 class StudentLoraConfig(LoraConfigSection):
     rank: int = Field(256, gt=0)
     alpha: float = Field(512.0, gt=0.0)
@@ -164,6 +185,8 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     ema: EMAConfig = EMAConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegisterConfig = RegisterConfig()
     merge: MergeConfig = MergeConfig()
     generate: GenerateConfig = GenerateConfig()
 
@@ -215,12 +238,13 @@ def _one_line(err: ValidationError) -> str:
     return f"{where}: {msg}{extra}"
 
 
-def load_config(profile: str = "sd21", overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
-    """Resolve profile → optional YAML file → ``key=value`` overrides, and validate the result."""
-    if not (PROFILES_DIR / f"{profile}.yaml").is_file():
-        raise ConfigError(f"profile: unknown profile {profile!r} (known: {', '.join(available_profiles())})")
-    tree: dict[str, Any] = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
-    tree["profile"] = profile
+def load_config(profile: str | None = None, overrides: list[str] | None = None,
+                file: str | Path | None = None) -> Config:
+    """Resolve profile → optional YAML file → ``key=value`` overrides, and validate the result.
+
+    The profile is the one named here, else the file's ``profile:`` key (as in ``params.yaml``), else ``sd21``.
+    """
+    extra: dict[str, Any] = {}
     if file is not None:
         path = Path(file)
         if not path.is_file():
@@ -231,7 +255,12 @@ def load_config(profile: str = "sd21", overrides: list[str] | None = None, file:
             raise ConfigError(f"config file {str(path)!r}: not valid YAML ({e.__class__.__name__})") from None
         if not isinstance(extra, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
-        _deep_update(tree, extra)
+    profile = profile or extra.get("profile") or "sd21"
+    if not isinstance(profile, str) or not (PROFILES_DIR / f"{profile}.yaml").is_file():
+        raise ConfigError(f"profile: unknown profile {profile!r} (known: {', '.join(available_profiles())})")
+    tree: dict[str, Any] = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text()) or {}
+    _deep_update(tree, extra)
+    tree["profile"] = profile
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -25,3 +25,11 @@ def tiny_world(tiny_cfg):
     from sb2.models.loading import resolve
 
     return {name: resolve(getattr(tiny_cfg.models, name)) for name in ("teacher", "student", "tiny_vae", "clip")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory):
+    """Tracking goes to a private SQLite store unless a test starts its own server."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    yield

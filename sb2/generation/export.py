@@ -32,5 +32,6 @@ def export_pipeline(model: str | Path, cfg, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / "sb2_export.json").write_text(json.dumps(
-            {"source": str(model), "num_inference_steps": 1, "guidance_scale": 0.0, "timestep": 999}, indent=2))
+            {"source": str(model), "num_inference_steps": 1, "guidance_scale": 0.0,
+             "timestep": cfg.vsd.student_timestep, "prediction_type": cfg.models.student_prediction_type}, indent=2))
     return out_dir

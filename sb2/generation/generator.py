@@ -58,6 +58,21 @@ class OneStepGenerator:
     def noise(self, seeds: list[int]) -> torch.Tensor:
         return seeded_noise(seeds, latent_shape(self.unet), self.device, self.dtype)
 
+    @classmethod
+    def from_pipeline(cls, folder: str | Path, device="cpu", dtype: str | torch.dtype = "float32") -> "OneStepGenerator":
+        """An exported pipeline folder is self-contained: no config needed (serving loads it this way)."""
+        from sb2.models.loading import load_noise_scheduler, load_text_encoder, load_unet, load_vae
+
+        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        folder = str(folder)
+        meta_path = Path(folder) / "sb2_export.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        unet = load_unet(folder, dtype=dt, device=device).eval().requires_grad_(False)
+        text_encoder, tokenizer = load_text_encoder(folder, None, dt, device)
+        sched = load_noise_scheduler(folder)
+        return cls(unet, text_encoder, tokenizer, load_vae(folder, None, dt, device), sched.alphas_cumprod,
+                   int(meta.get("timestep", 999)), meta.get("prediction_type", "epsilon"))
+
     @torch.no_grad()
     def latents(self, text_emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return student_x0(self.unet, z.to(self.device, self.dtype), text_emb.to(self.device, self.dtype),

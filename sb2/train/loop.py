@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sb2.config import Config
 from sb2.models.lora import lora_state_dict, save_lora
 from sb2.student import encode_prompts
-from sb2.tracking import JsonlLogger, Logger
+from sb2.tracking import Logger, safe_config, stage_logger
 from sb2.train import checkpoint as ckpt
 from sb2.train.data import PromptSampler, read_prompts
 from sb2.train.steps import Models, Scheme, _adamw, build_models, lora_teacher_loss, student_step
@@ -148,16 +148,17 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 "student": _student_state(m, scheme, unwrapped), "lora_teacher": lora_state_dict(teacher_plain),
                 "opt_student": opt_s.state_dict(), "opt_lora_teacher": opt_l.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
-                "config": json.dumps(cfg.model_dump(mode="json")),
+                "config": json.dumps(safe_config(cfg)),
             }
             ckpt.finish_checkpoint(out_dir, step, shared, cfg.checkpoint.keep_last)
         accelerator.wait_for_everyone()
 
     own_logger = logger is None
     if logger is None:
-        logger = JsonlLogger(out_dir / "logs") if main else None
+        logger = stage_logger(cfg, f"train_{scheme}", out_dir) if main else None
     if logger is not None and start == 0:
         logger.log_params({"scheme": scheme, **cfg.model_dump(mode="json")})
+    preview_prompts = prompts_all[:PREVIEW_PROMPTS]
 
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=f"train[{scheme}]",
                disable=not (progress and main))
@@ -220,6 +221,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                     t_last, n_last = now, 0
                     logger.log_metrics(logs, step + 1)
             done = step + 1
+            every = cfg.tracking.image_every
+            if logger is not None and every and done % every == 0 and done != cfg.train.steps:
+                grid = _preview(m, cfg, unwrapped, preview_prompts, out_dir / "logs" / f"samples-{done:08d}.png",
+                                device, weight_dtype)
+                logger.log_image(grid, "samples", step=done)
             if consecutive == 0 and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps or preempt.requested):
                 save_checkpoint(done)
                 last_saved = done
@@ -243,12 +249,13 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 save_lora(unwrapped, tmp, cfg.models.student)
         with atomic_dir(out_dir / "lora_teacher") as tmp:
             save_lora(teacher_plain, tmp, cfg.models.teacher)
-        grid = _preview(m, cfg, unwrapped, prompts_all, out_dir / "samples.png", device, weight_dtype)
-        if logger is not None:
-            logger.log_image(grid, "samples.png")
+        grid = _preview(m, cfg, unwrapped, preview_prompts, out_dir / "samples.png", device, weight_dtype)
         (out_dir / "train.json").write_text(json.dumps(
             {"scheme": scheme, "steps": cfg.train.steps, "nonfinite_skips": skipped_total, "final": logs,
-             "student": str(student_path)}, indent=2))
+             "student": str(student_path), "mlflow_run_id": getattr(logger, "run_id", None)}, indent=2))
+        if logger is not None:
+            logger.log_image(grid, "samples", step=cfg.train.steps)
+            logger.log_artifact(out_dir / "train.json")
     if own_logger and logger is not None:
         logger.close()
     accelerator.end_training()
@@ -260,10 +267,12 @@ def _preview(m: Models, cfg: Config, student, prompts: list[str], path: Path, de
     from sb2.generation.generator import OneStepGenerator
     from sb2.generation.images import save_grid
 
+    was_training = student.training
     student.eval()
     gen = OneStepGenerator(student, m.text_encoder, m.tokenizer, m.vae, m.alphas_cumprod,
                            cfg.vsd.student_timestep, cfg.models.student_prediction_type)
     ps = prompts[:PREVIEW_PROMPTS]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         images = gen(ps, seeds=list(range(len(ps))))
+    student.train(was_training)
     return save_grid(images, path, cols=4)
