@@ -31,17 +31,20 @@ def prepare_for_speed(gen, channels_last: bool, compile: bool) -> None:
 def generate_uint8(gen, captions: list[str], seeds: list[int], batch_size: int,
                    timer=None) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(start index, captions, uint8 images (B, 3, H, W) on the generator's device), one batch at a time. Image i comes
-    from its own seed, so it does not depend on the batch size."""
+    from its own seed, so it does not depend on the batch size. The last batch is padded to the full size (and the
+    padding dropped): one input shape for cudnn's autotuning and torch.compile, instead of a second at the very end."""
+    batch_size = min(batch_size, len(captions))
     for start in range(0, len(captions), batch_size):
-        batch = captions[start:start + batch_size]
+        batch, batch_seeds = captions[start:start + batch_size], seeds[start:start + batch_size]
+        pad = batch_size - len(batch)
         with timer("generation") if timer else nullcontext():
-            x0 = gen.latents(gen.encode(batch), gen.noise(seeds[start:start + batch_size]))
-            images = to_uint8(decode(gen.decoder, x0.to(gen.decoder.dtype)))
+            x0 = gen.latents(gen.encode(batch + batch[-1:] * pad), gen.noise(batch_seeds + batch_seeds[-1:] * pad))
+            images = to_uint8(decode(gen.decoder, x0.to(gen.decoder.dtype)))[:len(batch)]
         yield start, batch, images
 
 
 class ImageWriter:
-    """Writes ``images/<index>.png`` and ``captions.txt`` in background threads (Pillow's PNG encoder releases the
+    """Writes ``<folder>/<index>.png`` and ``captions.txt`` in background threads (Pillow's PNG encoder releases the
     GIL), so an audit copy slows the stream down less."""
 
     def __init__(self, folder: str | Path, workers: int = 4):
@@ -52,10 +55,9 @@ class ImageWriter:
         self.captions: list[str] = []
 
     def write(self, start: int, captions: list[str], images: torch.Tensor) -> None:
-        arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-        for i, a in enumerate(arrays):
-            self.futures.append(self.pool.submit(lambda a=a, i=i: Image.fromarray(a).save(
-                self.folder / f"{start + i:05d}.png")))
+        for i, a in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+            path = self.folder / f"{start + i:05d}.png"
+            self.futures.append(self.pool.submit(lambda a=a, path=path: Image.fromarray(a).save(path)))
         self.captions += captions
 
     def close(self) -> None:
