@@ -46,7 +46,7 @@ PLACES = ("a wooden bench", "a busy street", "a sandy beach", "a snowy hill", "a
           "an old building", "a river bank", "a table", "a city park", "a runway", "a living room")
 PHASES = (("generation", "generation (text encoder + UNet + VAE)"), ("preprocess", "crop + LANCZOS 256"),
           ("fid_features", "FID features (Inception)"), ("pr_features", "P/R features (VGG16)"),
-          ("clip_score", "CLIP score (ViT-g-14)"), ("fid", "Fréchet distance"),
+          ("clip_score", "CLIP score (ViT-g-14; tiny CLIP with --tiny)"), ("fid", "Fréchet distance"),
           ("precision_recall", "precision/recall (k-NN vs reference)"))
 
 

@@ -97,3 +97,14 @@ def test_timing_on_cpu_with_tiny_counts(eval_setup):
     t = json.loads((root / "timing" / "timing.json").read_text())
     assert (t["warmup"], t["calls"], t["repeats"]) == (1, 2, 2) and len(t["per_repeat_s"]) == 2
     assert t["mean_s"] > 0 and t["std_s"] >= 0 and t["device"].startswith("cpu")
+
+
+def test_reference_signature_names_weights_by_file():
+    from sb2.config import EvalConfig
+    from sb2.evaluation.reference import signature
+
+    by_url = EvalConfig()
+    by_path = EvalConfig(fid={"kind": "inception", "source": "/models/weights-inception-2015-12-05-6726825d.pth"})
+    assert signature(by_url, ["fid"]) == signature(by_path, ["fid"])  # the same file fetched or copied
+    assert signature(by_url, ["fid"]) != signature(EvalConfig(fid={"kind": "inception", "source": "random"}), ["fid"])
+    assert signature(by_url, ["fid", "precision_recall"])["pr_k"] == 3

@@ -137,7 +137,9 @@ def evaluate(model: str | Path, cfg, out_dir: str | Path, device: str | None = N
     with timer("reference"):
         reference = reference_for(ecfg, judges, device, [p for p in REFERENCE_PARTS if p in ecfg.metrics])
     writer = ImageWriter(out / "images") if ecfg.save_images else None
-    metrics: dict[str, Any] = protocol_metrics(gen, captions, judges, reference, ecfg, timer, writer, progress)
+    metrics: dict[str, Any] = {}
+    if any(m in ecfg.metrics for m in ("fid", "precision_recall", "clip_score")) or writer is not None:
+        metrics = protocol_metrics(gen, captions, judges, reference, ecfg, timer, writer, progress)
     if writer is not None:
         with timer("write_images"):
             writer.close()

@@ -79,9 +79,10 @@ def _fixed_point_weights(in_size: int, out_size: int, filter: str) -> np.ndarray
     return np.where(w < 0, np.ceil(w - 0.5), np.floor(w + 0.5))
 
 
-def _weights_on(x: torch.Tensor, in_size: int, out_size: int, filter: str, fixed: bool) -> torch.Tensor:
+@lru_cache(maxsize=64)
+def _weights_on(device: torch.device, in_size: int, out_size: int, filter: str, fixed: bool) -> torch.Tensor:
     w = (_fixed_point_weights if fixed else resize_weights)(in_size, out_size, filter)
-    return torch.from_numpy(w).to(x.device)
+    return torch.from_numpy(w).to(device)
 
 
 def _resize_axis(x: torch.Tensor, size: int, axis: int, filter: str, fixed: bool) -> torch.Tensor:
@@ -89,7 +90,7 @@ def _resize_axis(x: torch.Tensor, size: int, axis: int, filter: str, fixed: bool
     in_size = x.shape[axis]
     if in_size == size:  # Pillow skips a pass whose size does not change
         return x
-    w = _weights_on(x, in_size, size, filter, fixed)
+    w = _weights_on(x.device, in_size, size, filter, fixed)
     y = torch.matmul(x, w.T) if axis == -1 else torch.matmul(w, x)
     if fixed:  # (sum + 2^21) >> 22, clipped to a byte, as Pillow's clip8
         return torch.floor((y + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255)

@@ -34,13 +34,22 @@ class Reference:
     info: dict
 
 
+def _judge_signature(extractor) -> dict:
+    """A feature network by what it computes: a weights file by its name (the same file under another path or URL is
+    the same network), a plug-in by its import path, a random CNN by its size and seed."""
+    sig = extractor.model_dump()
+    if extractor.kind in ("inception", "vgg16"):
+        sig["source"] = sig["source"].rstrip("/").rsplit("/", 1)[-1]
+    return sig
+
+
 def signature(ecfg, parts: list[str]) -> dict:
     """What the reference features depend on; two references with different signatures are not comparable."""
     sig: dict = {"image_size": ecfg.image_size, "preprocess": "center square crop, PIL LANCZOS"}
     if "fid" in parts:
-        sig["fid"] = ecfg.fid.model_dump()
+        sig["fid"] = _judge_signature(ecfg.fid)
     if "precision_recall" in parts:
-        sig["precision_recall"] = ecfg.precision_recall.model_dump()
+        sig["precision_recall"] = _judge_signature(ecfg.precision_recall)
         sig["pr_k"] = ecfg.pr_k
     return sig
 
