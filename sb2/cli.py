@@ -152,6 +152,11 @@ def show_config(profile: Profile = None, config: ConfigFile = None, set_: Sets =
     typer.echo(yaml.safe_dump(_cfg(profile, config, set_).model_dump(mode="json"), sort_keys=False))
 
 
+from sb2.evaluation.cli import evaluate_command  # noqa: E402  (its own module: four modes, one stage each)
+
+app.command("evaluate")(_user_errors(evaluate_command))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

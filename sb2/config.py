@@ -174,6 +174,104 @@ class GenerateConfig(_Strict):
     grid_cols: int = Field(4, ge=1)
 
 
+INCEPTION_WEIGHTS = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                     "weights-inception-2015-12-05-6726825d.pth")
+VGG16_WEIGHTS = "https://download.pytorch.org/models/vgg16-397923af.pth"
+HPS_CHECKPOINT = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2_compressed.pt"
+EvalMetric = Literal["fid", "precision_recall", "clip_score", "hps"]
+
+
+class ExtractorConfig(_Strict):
+    """A feature network of the evaluation (sb2/evaluation/features.py)."""
+
+    kind: Literal["inception", "vgg16", "random_conv", "module"]
+    # inception/vgg16: a weights file (local path, or a URL fetched once to the cache) or "random";
+    # module: "package.module:factory" returning an nn.Module (uint8 images → vectors). Unused by random_conv.
+    source: str = ""
+    dim: int = Field(16, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> "ExtractorConfig":
+        if self.kind != "random_conv" and not self.source:
+            raise ValueError(f"extractor kind {self.kind!r} needs a source")
+        return self
+
+
+class ClipScoreConfig(_Strict):
+    # The authors' evaluation (GigaGAN's): open_clip ViT-g-14 laion2b_s12b_b42k, captions prefixed as below.
+    model: str = "ViT-g-14:laion2b_s12b_b42k"
+    prefix: str = "A photo depicts "
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
+class HPSConfig(_Strict):
+    """HPSv2, scored with open_clip and the HPS checkpoint directly (not the hpsv2 package, which pins protobuf<4)."""
+
+    model: str = "ViT-H-14"
+    # The fine-tuned weights of both towers (a local path or URL); null keeps the model's own weights.
+    checkpoint: str | None = HPS_CHECKPOINT
+    # A folder with <style>.json, each a list of prompts (HPSv2's benchmark: 800 a style).
+    prompts: str = "data/hps/benchmark"
+    styles: list[str] = ["anime", "concept-art", "paintings", "photo"]
+    prompts_per_style: int | None = Field(None, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
+class SweepConfig(_Strict):
+    """Merge-λ sweep (paper Figs. 3, 7): θ = λ·θ_A + (1−λ)·θ_B evaluated on a subset of the captions."""
+
+    lambdas: list[float] = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]
+    num_captions: int = Field(5000, ge=1)
+    # The chosen λ has the best FID among those whose CLIP score is at least this (all when null).
+    clip_floor: float | None = None
+
+    @field_validator("lambdas")
+    @classmethod
+    def _unit_interval(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError("lambdas must be a non-empty list of values in [0, 1]")
+        return sorted(set(v))
+
+
+class TimingConfig(_Strict):
+    """Inference timing as paper 7.5: warm-ups, then `calls` calls timed, `repeats` times; fp16."""
+
+    warmup: int = Field(5, ge=0)
+    calls: int = Field(50, ge=1)
+    repeats: int = Field(10, ge=1)
+    batch_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    prompt: str = "A photo of a cat sitting on a windowsill"
+
+
+class EvalConfig(_Strict):
+    """The zero-shot COCO-2014 protocol (paper 5.1): the first N captions, one image each, FID, precision/recall,
+    CLIP score, and HPSv2 on its own prompts."""
+
+    captions: str = "data/coco/annotations/captions_val2014.json"
+    num_captions: int = Field(30000, ge=1)
+    seed: int = 0  # image i is generated from seed + i
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    channels_last: bool = True
+    compile: bool = False
+    image_size: int = Field(256, ge=8)
+    metrics: list[EvalMetric] = ["fid", "precision_recall", "clip_score", "hps"]
+    # The reference: every image of this folder; its features are computed once into reference_dir and reused.
+    reference_images: str = "data/coco/val2014"
+    reference_dir: str = "data/coco/reference_val2014"
+    num_workers: int = Field(8, ge=0)
+    save_images: bool = False
+    fid: ExtractorConfig = ExtractorConfig(kind="inception", source=INCEPTION_WEIGHTS)
+    precision_recall: ExtractorConfig = ExtractorConfig(kind="vgg16", source=VGG16_WEIGHTS)
+    pr_k: int = Field(3, ge=1)
+    clip_score: ClipScoreConfig = ClipScoreConfig()
+    hps: HPSConfig = HPSConfig()
+    sweep: SweepConfig = SweepConfig()
+    timing: TimingConfig = TimingConfig()
+
+
 class Config(_Strict):
     profile: str = "sd21"
     models: ModelsConfig = ModelsConfig()
@@ -189,6 +287,7 @@ class Config(_Strict):
     registry: RegisterConfig = RegisterConfig()
     merge: MergeConfig = MergeConfig()
     generate: GenerateConfig = GenerateConfig()
+    evaluate: EvalConfig = EvalConfig()
 
     @field_validator("profile")
     @classmethod

@@ -58,9 +58,11 @@ def merge_weights(
     return out
 
 
-def merge_students(path_a: str | Path, path_b: str | Path, lam: float, out_dir: str | Path, models_cfg=None) -> Path:
+def merge_students(path_a: str | Path, path_b: str | Path, lam: float, out_dir: str | Path, models_cfg=None,
+                   extra: dict | None = None) -> Path:
     """The merge stage: load two one-step students (UNet folders, LoRA adapters or pipelines), fold any LoRA,
-    interpolate, and save a diffusers UNet folder to ``out_dir/unet`` with ``merge.json`` recording λ."""
+    interpolate, and save a diffusers UNet folder to ``out_dir/unet`` with ``merge.json`` recording λ (and ``extra``,
+    e.g. how the λ sweep chose it)."""
     import json
 
     from sb2.models.loading import load_one_step_unet
@@ -73,5 +75,6 @@ def merge_students(path_a: str | Path, path_b: str | Path, lam: float, out_dir: 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         unet_a.save_pretrained(tmp / "unet")
-        (tmp / "merge.json").write_text(json.dumps({"a": str(path_a), "b": str(path_b), "lambda": lam}, indent=2))
+        (tmp / "merge.json").write_text(json.dumps({"a": str(path_a), "b": str(path_b), "lambda": lam, **(extra or {})},
+                                                    indent=2))
     return out_dir / "unet"
