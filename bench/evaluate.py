@@ -61,32 +61,12 @@ def coco_like_captions(n: int) -> list[str]:
 
 def sd21_base_generator(device, dtype):
     """SD2.1-base's UNet, text encoder and VAE, built from their configs with random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from sb2.generation.generator import OneStepGenerator
-    from sb2.models.tiny import save_clip_tokenizer, sd_scheduler
+    from sb2.models.architectures import sd21_parts
 
-    with torch.device(device):  # initialize on the GPU: a 866M UNet is slow to initialize on the CPU
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-            max_position_embeddings=77, hidden_act="gelu", projection_dim=512))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_clip_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    parts = [m.to(device, dtype).eval().requires_grad_(False) for m in (unet, text_encoder, vae)]
-    print(f"UNet parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M")
-    return OneStepGenerator(parts[0], parts[1], tokenizer, parts[2], sd_scheduler().alphas_cumprod)
+    p = sd21_parts(device, dtype, tiny_vae=False)
+    print(f"UNet parameters: {sum(x.numel() for x in p['unet'].parameters()) / 1e6:.1f}M")
+    return OneStepGenerator(p["unet"], p["text_encoder"], p["tokenizer"], p["vae"], p["scheduler"].alphas_cumprod)
 
 
 def tiny_generator(device):

@@ -66,6 +66,9 @@ class VSDConfig(_Strict):
     # sample exactly.
     reduction: Literal["mean", "sum"] = "mean"
     student_timestep: int = Field(999, ge=0)
+    # Frozen teacher (cond, uncond) and LoRA teacher in one UNet call on a 3B batch (peft's per-sample adapters):
+    # the same arithmetic in fewer, larger kernels.
+    single_teacher_call: bool = True
 
     @model_validator(mode="after")
     def _range(self) -> "VSDConfig":
@@ -123,6 +126,9 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     # A step with a non-finite loss or gradient is skipped; this many in a row stop the run.
     max_consecutive_nonfinite: int = Field(10, ge=1)
+    # GPU speed switches (see BENCHMARKS.md): NHWC convolutions, and torch.compile of the student and teacher UNets.
+    channels_last: bool = True
+    compile: bool = False
 
 
 class CheckpointConfig(_Strict):
@@ -172,6 +178,10 @@ class GenerateConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     decoder: Literal["vae", "tiny_vae"] = "vae"
     grid_cols: int = Field(4, ge=1)
+    # GPU fast path (sb2/generation/fast.py): channels_last + cuDNN autotuning, static shapes captured in a CUDA
+    # graph per batch size, optionally torch.compile first. Ignored on CPU.
+    fast: bool = True
+    compile: bool = False
 
 
 INCEPTION_WEIGHTS = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

@@ -145,3 +145,26 @@ def test_lora_teacher_shares_the_teacher_weights(tiny_cfg):
     torch.testing.assert_close(off, ref)
     assert (on - ref).abs().max() > 1e-4
     del load_unet
+
+
+@pytest.mark.parametrize("lora_scale", [1.0, 3.0])
+def test_single_teacher_call_equals_separate_calls(tiny_cfg, lora_scale):
+    """Teacher cond/uncond and LoRA teacher in one call (per-sample adapters) give the separate calls' predictions."""
+    from sb2.models.loading import load_teacher
+    from sb2.models.lora import add_lora
+    from sb2.train.steps import teacher_predictions
+
+    teacher = load_teacher(tiny_cfg.models).unet
+    for p in add_lora(teacher, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]):
+        with torch.no_grad():
+            p.add_(0.2 * torch.randn_like(p))
+    x, t, emb, null = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 900]), torch.randn(3, 77, 32), torch.randn(1, 77, 32)
+    outs = []
+    for single in (True, False):
+        cfg = tiny_cfg.model_copy(deep=True)
+        cfg.vsd.single_teacher_call, cfg.vsd.lora_guidance_scale = single, lora_scale
+        with torch.no_grad():
+            outs.append(teacher_predictions(teacher, x, t, emb, null, cfg))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (outs[0][0] - outs[0][1]).abs().max() > 1e-3  # teacher and LoRA teacher do differ

@@ -23,7 +23,7 @@ def export_pipeline(model: str | Path, cfg, out_dir: str | Path) -> Path:
     teacher_sched = load_noise_scheduler(cfg.models.teacher, cfg.models)
     scheduler = DDIMScheduler.from_config(
         teacher_sched.config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
-        thresholding=False, steps_offset=0, prediction_type=cfg.models.student_prediction_type,
+        thresholding=False, steps_offset=1, prediction_type=cfg.models.student_prediction_type,
     )
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,

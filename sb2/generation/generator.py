@@ -116,6 +116,10 @@ def generate(model: str | Path, prompts: list[str], out_dir: str | Path, cfg, de
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.generate.dtype if device != "cpu" else "float32"
     gen = OneStepGenerator.load(model, cfg, device=device, dtype=dtype, decoder=cfg.generate.decoder)
+    if device != "cpu" and cfg.generate.fast and interpolate is None:
+        from sb2.generation.fast import GraphedOneStep
+
+        gen = GraphedOneStep(gen, compile=cfg.generate.compile)
     base = cfg.generate.seed
     if interpolate == "noise":
         s = seeds or [base, base + 1]

@@ -25,7 +25,8 @@ from sb2.student import encode_prompts
 from sb2.tracking import Logger, safe_config, stage_logger
 from sb2.train import checkpoint as ckpt
 from sb2.train.data import PromptSampler, read_prompts
-from sb2.train.steps import Models, Scheme, _adamw, build_models, lora_teacher_loss, student_step
+from sb2.train.steps import (Models, Scheme, _adamw, apply_speed_switches, build_models, lora_teacher_loss,
+                             student_step)
 
 PREVIEW_PROMPTS = 8
 
@@ -101,7 +102,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     prompts_all = read_prompts(cfg.train.prompts)
-    m = build_models(cfg, scheme, device, weight_dtype)
+    m = apply_speed_switches(build_models(cfg, scheme, device, weight_dtype), cfg, device)
     opt_s = _adamw(m.student_params, cfg.optim.student_lr, cfg, device)
     opt_l = _adamw(m.lora_params, cfg.lora_teacher.lr, cfg, device)
     student, teacher_ddp, opt_s, opt_l = accelerator.prepare(m.student, m.teacher_unet, opt_s, opt_l)

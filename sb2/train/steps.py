@@ -6,6 +6,7 @@ The math lives in :mod:`sb2.distill`; this module only composes it (SwiftBrush's
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,10 @@ class Models:
     clip: object | None = None
     extras: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # read once from the plain module: under DDP ``student`` becomes a wrapper without ``.config``
+        self.latent_shape = latent_shape(self.student)
+
 
 def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32) -> Models:
     """Frozen teacher (+ LoRA teacher adapter), trainable student, and for ``lora`` the TinyVAE and CLIP."""
@@ -66,10 +71,72 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
     return m
 
 
+def apply_speed_switches(m: Models, cfg: Config, device) -> Models:
+    """GPU-only switches, measured in bench/train_step.py: NHWC memory format for the UNets' convolutions and
+    torch.compile (in place, so adapters still switch on the same module)."""
+    if torch.device(device).type != "cuda":
+        return m
+    if cfg.train.channels_last:
+        for mod in (m.student, m.teacher_unet, m.tiny_vae):
+            if mod is not None:
+                mod.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        m.student.compile()
+        m.teacher_unet.compile()
+    return m
+
+
 def _adamw(params, lr: float, cfg: Config, device) -> torch.optim.AdamW:
     o = cfg.optim
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, fused=fused)
+
+
+@contextmanager
+def per_sample_adapters(unet, adapter_names: list[str]):
+    """Run the LoRA adapter on some samples of a batch only (peft's mixed-batch forward; "__base__" = adapter off):
+    the frozen teacher's cond/uncond passes and the LoRA teacher's pass become one UNet call on one batch."""
+    from peft.tuners.lora import LoraLayer
+
+    def inject(module, args, kwargs):
+        kwargs["adapter_names"] = adapter_names
+        return args, kwargs
+
+    hooks = [mod.register_forward_pre_hook(inject, with_kwargs=True) for mod in unet.modules()
+             if isinstance(mod, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def teacher_predictions(teacher, x_t, t, emb, null_emb, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """ε̂ of the frozen teacher (with CFG) and of the LoRA teacher (with its own guidance scale) at x_t."""
+    b = x_t.shape[0]
+    null = null_emb.expand_as(emb)
+    lora_cfg = cfg.vsd.lora_guidance_scale != 1.0
+    if cfg.vsd.single_teacher_call:
+        segments = [(emb, "__base__"), (null, "__base__"), (emb, "default")] + ([(null, "default")] if lora_cfg else [])
+        names = [name for _, name in segments for _ in range(b)]
+        with per_sample_adapters(teacher, names):
+            out = teacher(torch.cat([x_t] * len(segments)), torch.cat([t] * len(segments)),
+                          encoder_hidden_states=torch.cat([e for e, _ in segments])).sample.float().chunk(len(segments))
+        eps_c, eps_u, lora_c = out[:3]
+        lora_u = out[3] if lora_cfg else None
+    else:
+        teacher.disable_adapters()
+        eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               encoder_hidden_states=torch.cat([emb, null])).sample.float().chunk(2)
+        teacher.enable_adapters()
+        if lora_cfg:
+            lora_c, lora_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     encoder_hidden_states=torch.cat([emb, null])).sample.float().chunk(2)
+        else:
+            lora_c, lora_u = teacher(x_t, t, encoder_hidden_states=emb).sample.float(), None
+    eps_teacher = guided(eps_u, eps_c, cfg.vsd.guidance_scale)
+    eps_lora = lora_c if lora_u is None else guided(lora_u, lora_c, cfg.vsd.lora_guidance_scale)
+    return eps_teacher, eps_lora
 
 
 def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tensor, prompts: list[str], step: int,
@@ -77,27 +144,15 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
     """Loss of one student update and the detached x̂0 the LoRA teacher learns from."""
     b = emb.shape[0]
     device = emb.device
-    z = torch.randn((b, *latent_shape(m.student)), device=device)
+    z = torch.randn((b, *m.latent_shape), device=device)
     with autocast():
         x0 = student_x0(m.student, z, emb, m.alphas_cumprod, cfg.vsd.student_timestep,
                         cfg.models.student_prediction_type)
     t = sample_timesteps(b, m.num_train_timesteps, cfg.vsd.t_min, cfg.vsd.t_max, device=device)
     noise = torch.randn_like(x0, dtype=torch.float32)
     x_t = add_noise(x0.detach().float(), noise, m.alphas_cumprod, t)
-    teacher = m.teacher_unet
     with torch.no_grad(), autocast():
-        # Frozen teacher = the same UNet with the adapter off; cond and uncond in one batched call.
-        teacher.disable_adapters()
-        eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                               encoder_hidden_states=torch.cat([emb, null_emb.expand_as(emb)])).sample.chunk(2)
-        teacher.enable_adapters()
-        eps_teacher = guided(eps_u.float(), eps_c.float(), cfg.vsd.guidance_scale)
-        if cfg.vsd.lora_guidance_scale == 1.0:
-            eps_lora = teacher(x_t, t, encoder_hidden_states=emb).sample.float()
-        else:
-            lc, lu = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                             encoder_hidden_states=torch.cat([emb, null_emb.expand_as(emb)])).sample.chunk(2)
-            eps_lora = guided(lu.float(), lc.float(), cfg.vsd.lora_guidance_scale)
+        eps_teacher, eps_lora = teacher_predictions(m.teacher_unet, x_t, t, emb, null_emb, cfg)
     w = vsd_weight(m.alphas_cumprod, t, cfg.vsd.weighting)
     loss_vsd, _ = vsd_loss(x0, eps_teacher, eps_lora, w, cfg.vsd.reduction)
     loss = loss_vsd

@@ -1,0 +1,172 @@
+"""Benchmark: one-step generation, prompt → image tensor, SD2.1-base architecture with random weights.
+
+Baseline: diffusers' StableDiffusionPipeline at 1 step (fp16, tensor output). Ours: sb2's generator eager, and its
+GPU fast path (sb2/generation/fast.py: CUDA graph per batch size, channels_last, cuDNN autotuning; optionally
+torch.compile), with the full VAE and with TAESD. All timed in the same run on the same card; outputs are checked
+against eager fp32 (relative error ‖out − ref‖/‖ref‖ on the image).
+
+    python bench/inference.py [--batches 1 4 16] [--iters 50] [--no-compile]
+    python bench/inference.py --tiny      # CPU smoke test of the script (tiny models, eager paths only)
+
+Prints a table and writes $OUT/inference.json when OUT is set. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sb2.generation.generator import OneStepGenerator  # noqa: E402
+from sb2.student import decode  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, iters: int, warmup: int = 5) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "p10_ms": sorted(times)[len(times) // 10],
+            "p90_ms": sorted(times)[(9 * len(times)) // 10]}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().cpu(), ref.float().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def build(args, device):
+    if args.tiny:
+        from sb2.config import load_config
+        from sb2.models.loading import load_noise_scheduler, load_text_encoder, load_tiny_vae, load_unet, load_vae
+
+        cfg = load_config("tiny")
+        te, tok = load_text_encoder("tiny:teacher")
+        return {"unet": load_unet("tiny:student"), "text_encoder": te, "tokenizer": tok,
+                "vae": load_vae("tiny:teacher"), "tiny_vae": load_tiny_vae("tiny:tiny_vae"),
+                "scheduler": load_noise_scheduler("tiny:teacher"), "cfg": cfg}
+    from sb2.models.architectures import sd21_parts
+
+    return sd21_parts(device, torch.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    p = build(args, device)
+    for k in ("unet", "text_encoder", "vae", "tiny_vae"):
+        p[k] = p[k].to(device).eval().requires_grad_(False)
+    ac = p["scheduler"].alphas_cumprod
+    fp32 = {k: p[k] for k in ("unet", "text_encoder", "vae", "tiny_vae")}
+    f16 = {k: copy.deepcopy(v).to(half) for k, v in fp32.items()}
+    tok = p["tokenizer"]
+    ref_gen = OneStepGenerator(fp32["unet"], fp32["text_encoder"], tok, fp32["vae"], ac)
+    ref_tiny = OneStepGenerator(fp32["unet"], fp32["text_encoder"], tok, fp32["tiny_vae"], ac)
+    eager = OneStepGenerator(f16["unet"], f16["text_encoder"], tok, f16["vae"], ac)
+    eager_tiny = OneStepGenerator(f16["unet"], f16["text_encoder"], tok, f16["tiny_vae"], ac)
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sched = DDIMScheduler.from_config(p["scheduler"].config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                      clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=f16["vae"], text_encoder=f16["text_encoder"], tokenizer=tok, unet=f16["unet"],
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    rows: list[dict] = []
+    results = {"card": card, "torch": torch.__version__, "rows": rows}
+    prompts_all = [f"a photo of a cat number {i}, highly detailed" for i in range(max(args.batches))]
+    for b in args.batches:
+        prompts = prompts_all[:b]
+        z = eager.noise(list(range(b)))
+        with torch.no_grad():
+            ref = ref_gen(prompts, noise=z.float())
+            ref_t = ref_tiny(prompts, noise=z.float())
+
+        def run_pipe():
+            return pipe(prompts, num_inference_steps=1, guidance_scale=0.0, latents=z, output_type="pt").images
+
+        def run_eager(gen=eager):
+            with torch.no_grad():
+                return decode(gen.decoder, gen.latents(gen.encode(prompts), z))
+
+        variants = [("diffusers pipeline", run_pipe, ref, True), ("sb2 eager", run_eager, ref, False),
+                    ("sb2 eager + TAESD", lambda: run_eager(eager_tiny), ref_t, False)]
+        if device.type == "cuda":
+            from sb2.generation.fast import GraphedOneStep
+
+            fast = GraphedOneStep(eager)
+            fast_t = GraphedOneStep(eager_tiny)
+            variants += [("sb2 fast (CUDA graph)", lambda: fast.run(fast.tokenize(prompts), z), ref, False),
+                         ("sb2 fast + TAESD", lambda: fast_t.run(fast_t.tokenize(prompts), z), ref_t, False)]
+            if not args.no_compile:
+                fc = GraphedOneStep(copy_gen(eager), compile=True)
+                fct = GraphedOneStep(copy_gen(eager_tiny), compile=True)
+                variants += [("sb2 fast + compile", lambda: fc.run(fc.tokenize(prompts), z), ref, False),
+                             ("sb2 fast + compile + TAESD", lambda: fct.run(fct.tokenize(prompts), z), ref_t, False)]
+        base_ms = None
+        for name, fn, reference, is_01 in variants:
+            try:
+                t0 = time.perf_counter()
+                out = fn()
+                first_s = time.perf_counter() - t0
+                img = out.float() * 2 - 1 if is_01 else out.float()  # pipeline returns [0, 1]
+                err = rel_err(img.clamp(-1, 1), reference.clamp(-1, 1))
+                stats = timed(fn, device, args.iters if b == 1 else max(10, args.iters // 2))
+            except Exception as e:  # noqa: BLE001 — a lever that fails is reported, not fatal
+                rows.append({"batch": b, "variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(f"batch {b:>2}  {name:<28} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            if base_ms is None:
+                base_ms = stats["median_ms"]
+            row = {"batch": b, "variant": name, **stats, "images_per_s": b * 1e3 / stats["median_ms"],
+                   "speedup_vs_diffusers": base_ms / stats["median_ms"], "rel_err_vs_fp32": err,
+                   "first_call_s": first_s}
+            rows.append(row)
+            print(f"batch {b:>2}  {name:<28} {stats['median_ms']:8.2f} ms  {row['images_per_s']:8.1f} img/s  "
+                  f"x{row['speedup_vs_diffusers']:5.2f}  rel.err {err:.2e}  (first call {first_s:.1f}s)", flush=True)
+            if os.environ.get("OUT"):
+                Path(os.environ["OUT"], "inference.json").write_text(json.dumps(results, indent=2))
+    if device.type == "cuda":
+        results["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"card: {card}, torch {torch.__version__}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "inference.json").write_text(json.dumps(results, indent=2))
+
+
+def copy_gen(gen: OneStepGenerator) -> OneStepGenerator:
+    """A generator of its own (the fast path changes memory formats in place), sharing nothing with ``gen``."""
+    return OneStepGenerator(copy.deepcopy(gen.unet), gen.text_encoder, gen.tokenizer, copy.deepcopy(gen.decoder),
+                            gen.alphas_cumprod, gen.timestep, gen.prediction_type)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Benchmark: one VSD training iteration (a student update and a LoRA-teacher update), SD2.1-base architecture with
+random weights, batch 16, on one GPU; the naive step is timed in the same run on the same card.
+
+naive  = student fp32 + bf16 autocast, gradient checkpointing, frozen teacher kept in fp32, text encoder run every
+         step, teacher cond / uncond / LoRA as three separate calls, unfused AdamW.
+ours   = the library's step (sb2/train/steps.py: student_step, lora_teacher_loss) with its switches: frozen weights
+         in bf16, cond+uncond in one call, fused AdamW, precomputed text embeddings, then checkpointing off,
+         channels_last, torch.compile — each lever added and measured in turn.
+Numerical check: the first step of each variant starts from the same weights and random draws as the naive one;
+the VSD and LoRA-teacher losses and the student and LoRA gradients are compared (relative error).
+
+    python bench/train_step.py [--batch 16] [--steps 12] [--scheme full|lora|both] [--no-compile]
+    python bench/train_step.py --tiny     # CPU smoke test with tiny models
+Prints a table; writes $OUT/train_step.json when OUT is set. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sb2.config import load_config  # noqa: E402
+from sb2.distill.vsd import add_noise, diffusion_loss, guided, sample_timesteps, vsd_loss, vsd_weight  # noqa: E402
+from sb2.models.lora import add_lora  # noqa: E402
+from sb2.distill.clip_loss import clamped_clip_loss, clip_preprocess, scheduled_weight  # noqa: E402
+from sb2.student import decode, encode_prompts, student_x0  # noqa: E402
+from sb2.train.steps import Models, apply_speed_switches, lora_teacher_loss, student_step  # noqa: E402
+
+PROMPTS = [f"a photo of subject {i} in a scene, highly detailed, {i % 7} lights" for i in range(64)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def base_models(args, device):
+    """fp32 masters: student init, teacher, text encoder (+ TAESD and a ViT-B/32 CLIP for the lora scheme)."""
+    if args.tiny:
+        from sb2.models.loading import load_clip, load_teacher, load_tiny_vae, load_unet
+
+        t = load_teacher(load_config("tiny").models)
+        return {"student": load_unet("tiny:student"), "teacher": t.unet, "text_encoder": t.text_encoder,
+                "tokenizer": t.tokenizer, "vae": t.vae, "scheduler": t.scheduler,
+                "tiny_vae": load_tiny_vae("tiny:tiny_vae"), "clip": load_clip("tiny:clip")}
+    import open_clip
+
+    from sb2.models.architectures import sd21_parts, sd21_unet
+    from sb2.models.loading import ClipScorer
+
+    torch.manual_seed(0)
+    p = sd21_parts(device, torch.float32)  # built on the GPU (fast), kept on the CPU: peaks count the variant only
+    with torch.device(device):
+        student = sd21_unet().cpu()
+        clip_model = open_clip.create_model("ViT-B-32").cpu()  # the architecture; weights random (no download)
+    for k in ("unet", "text_encoder", "vae", "tiny_vae"):
+        p[k] = p[k].cpu()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    clip = ClipScorer(clip_model.eval().requires_grad_(False), tokenizer, 224,
+                      (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    return {"student": student, "teacher": p["unet"], "text_encoder": p["text_encoder"], "tokenizer": p["tokenizer"],
+            "vae": p["vae"], "scheduler": p["scheduler"], "tiny_vae": p["tiny_vae"], "clip": clip}
+
+
+def assemble(base, cfg, scheme, device, frozen_dtype):
+    """A Models of the library from the masters: the student fp32 and trainable, the teacher (+ LoRA) frozen."""
+    student = copy.deepcopy(base["student"]).to(device).float()
+    teacher = copy.deepcopy(base["teacher"]).to(device, frozen_dtype).requires_grad_(False)
+    torch.manual_seed(1)
+    lt = cfg.lora_teacher
+    lora = add_lora(teacher, lt.rank, lt.alpha, lt.target_modules)
+    for p in lora:
+        p.data = p.data.float()
+    if scheme == "full":
+        student.requires_grad_(True)
+        sparams = list(student.parameters())
+    else:
+        torch.manual_seed(2)
+        sl = cfg.student_lora
+        sparams = add_lora(student, sl.rank, sl.alpha, sl.target_modules)
+    if cfg.train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.train()
+    te = copy.deepcopy(base["text_encoder"]).to(device, frozen_dtype)
+    m = Models(student, sparams, teacher, lora, te.to(device), base["tokenizer"], None,
+               base["scheduler"].alphas_cumprod.to(device), 1000)
+    if scheme == "lora":
+        m.tiny_vae = copy.deepcopy(base["tiny_vae"]).to(device, frozen_dtype)
+        clip = copy.copy(base["clip"])
+        clip.model = copy.deepcopy(base["clip"].model).to(device, frozen_dtype).requires_grad_(False)
+        m.clip = clip
+    return m
+
+
+def naive_iteration(m, cfg, prompts, null_prompt, opt_s, opt_l, autocast, device):
+    """The straightforward step: text encoder every step, three teacher calls, no batching."""
+    with torch.no_grad(), autocast():
+        emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
+        null = encode_prompts(m.text_encoder, m.tokenizer, [null_prompt] * len(prompts), device)
+    b = len(prompts)
+    z = torch.randn((b, *m.latent_shape), device=device)
+    with autocast():
+        x0 = student_x0(m.student, z, emb, m.alphas_cumprod)
+    t = sample_timesteps(b, 1000, cfg.vsd.t_min, cfg.vsd.t_max, device=device)
+    noise = torch.randn_like(x0, dtype=torch.float32)
+    x_t = add_noise(x0.detach().float(), noise, m.alphas_cumprod, t)
+    with torch.no_grad(), autocast():
+        m.teacher_unet.disable_adapters()
+        eps_c = m.teacher_unet(x_t, t, encoder_hidden_states=emb).sample.float()
+        eps_u = m.teacher_unet(x_t, t, encoder_hidden_states=null).sample.float()
+        m.teacher_unet.enable_adapters()
+        eps_l = m.teacher_unet(x_t, t, encoder_hidden_states=emb).sample.float()
+    loss, _ = vsd_loss(x0, guided(eps_u, eps_c, cfg.vsd.guidance_scale), eps_l,
+                       vsd_weight(m.alphas_cumprod, t), cfg.vsd.reduction)
+    if m.clip is not None:  # lora scheme: + clamped CLIP through TAESD, as the library computes it
+        cl = cfg.clip_loss
+        with autocast():
+            images = decode(m.tiny_vae, x0.to(m.tiny_vae.dtype))
+            img = m.clip.encode_image(clip_preprocess(images, m.clip.image_size, m.clip.mean, m.clip.std)
+                                      .to(next(m.clip.model.parameters()).dtype))
+            with torch.no_grad():
+                txt = m.clip.encode_text(prompts, device)
+        loss = loss + scheduled_weight(0, cfg.train.steps, cl.weight, cl.end_weight, cl.schedule) * \
+            clamped_clip_loss(img, txt, cl.tau, cl.clamp)
+    return loss, x0.detach(), emb, null[:1]
+
+
+def lora_update_naive(m, cfg, x0, emb, null, autocast):
+    return lora_teacher_loss(m, cfg, x0, emb, null, autocast)
+
+
+def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: bool, ref=None):
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    use_cuda = device.type == "cuda"
+    frozen = torch.float32 if naive or not use_cuda else torch.bfloat16
+    m = assemble(base, cfg, scheme, device, frozen)
+    if not naive:
+        apply_speed_switches(m, cfg, device)
+    fused = use_cuda and not naive
+    opt_s = torch.optim.AdamW(m.student_params, lr=1e-6, fused=fused)
+    opt_l = torch.optim.AdamW(m.lora_params, lr=1e-3, fused=fused)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_cuda else nullcontext
+    bs = args.batch
+    cache = {}
+    if precompute:  # what the prompt-embedding cache gives the loop: no text encoder in the step
+        with torch.no_grad():
+            for i in range(0, len(PROMPTS), bs):
+                cache[i // bs] = encode_prompts(m.text_encoder, m.tokenizer, PROMPTS[i:i + bs], device)
+            null = encode_prompts(m.text_encoder, m.tokenizer, [""], device)
+
+    def iteration(i, record=False):
+        prompts = PROMPTS[(i * bs) % len(PROMPTS):][:bs]
+        if len(prompts) < bs:
+            prompts = PROMPTS[:bs]
+        if naive:
+            loss, x0, emb, nul = naive_iteration(m, cfg, prompts, "", opt_s, opt_l, autocast, device)
+        else:
+            emb = cache[((i * bs) % len(PROMPTS)) // bs] if precompute else \
+                encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
+            nul = null if precompute else encode_prompts(m.text_encoder, m.tokenizer, [""], device)
+            loss, x0, _ = student_step(m, cfg, emb, nul, prompts, i, autocast)
+        loss.backward()
+        out = {}
+        if record:
+            out["loss_vsd"] = loss.item()
+            out["grad_student"] = torch.cat([p.grad.flatten().float() for p in m.student_params if p.grad is not None])
+        torch.nn.utils.clip_grad_norm_(m.student_params, 1.0)
+        opt_s.step()
+        opt_s.zero_grad(set_to_none=True)
+        ll = lora_teacher_loss(m, cfg, x0, emb, nul, autocast)
+        ll.backward()
+        if record:
+            out["loss_lora"] = ll.item()
+            out["grad_lora"] = torch.cat([p.grad.flatten().float() for p in m.lora_params])
+        torch.nn.utils.clip_grad_norm_(m.lora_params, 1.0)
+        opt_l.step()
+        opt_l.zero_grad(set_to_none=True)
+        return out
+
+    torch.manual_seed(123)
+    t0 = time.perf_counter()
+    first = iteration(0, record=True)
+    sync(device)
+    first_s = time.perf_counter() - t0
+    check = {}
+    if ref is not None:
+        for k in ("grad_student", "grad_lora"):
+            check[f"rel_err_{k}"] = float((first[k].cpu() - ref[k].cpu()).norm() / ref[k].cpu().norm().clamp_min(1e-30))
+        for k in ("loss_vsd", "loss_lora"):
+            check[f"rel_err_{k}"] = abs(first[k] - ref[k]) / max(abs(ref[k]), 1e-30)
+    for i in range(1, 3):
+        iteration(i)
+    sync(device)
+    times = []
+    for i in range(3, 3 + args.steps):
+        t0 = time.perf_counter()
+        iteration(i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    row = {"variant": name, "scheme": scheme, "batch": bs, "step_ms": ms, "samples_per_s": bs * 1e3 / ms,
+           "first_step_s": first_s, **check}
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    keep = {k: v.cpu() if torch.is_tensor(v) else v for k, v in first.items()} if ref is None else None
+    del m, opt_s, opt_l, cache
+    return row, keep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--scheme", choices=["full", "lora", "both"], default="both")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    base = base_models(args, device)
+    rows: list[dict] = []
+    for scheme in (["full", "lora"] if args.scheme == "both" else [args.scheme]):
+        prof = "tiny" if args.tiny else "sd21"
+        off = dict(gradient_checkpointing=True, channels_last=False)
+        levers = [
+            ("naive", dict(off), {}, True, False),
+            ("ours: bf16 frozen, batched CFG, fused AdamW, cached text", dict(off), {"vsd.single_teacher_call": "false"},
+             False, True),
+            ("  + teacher and LoRA teacher in one call", dict(off), {}, False, True),
+            ("  + no gradient checkpointing", dict(off, gradient_checkpointing=False), {}, False, True),
+            ("  + channels_last", dict(gradient_checkpointing=False, channels_last=True), {}, False, True),
+        ]
+        if not args.no_compile and device.type == "cuda":
+            levers.append(("  + torch.compile (no channels_last)",
+                           dict(gradient_checkpointing=False, channels_last=False, compile=True), {}, False, True))
+        if scheme == "lora" and not args.tiny:
+            levers = [levers[0], levers[3]] + levers[5:]  # the lever study is on full; lora: naive vs best
+        ref, base_ms = None, None
+        for name, train_kw, other, naive, pre in levers:
+            sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]
+            cfg = load_config(prof, sets + [f"train.batch_size={args.batch}"])
+            try:
+                row, keep = run_variant(name, base, cfg, scheme, device, args, naive, pre, ref)
+            except torch.OutOfMemoryError as e:
+                rows.append({"variant": name, "scheme": scheme, "error": f"OOM: {str(e)[:200]}"})
+                print(f"{scheme:<4} {name:<58} OOM", flush=True)
+                continue
+            if ref is None:
+                ref, base_ms = keep, row["step_ms"]
+            row["speedup_vs_naive"] = base_ms / row["step_ms"]
+            rows.append(row)
+            errs = "  ".join(f"{k[8:]}={v:.1e}" for k, v in row.items() if k.startswith("rel_err"))
+            print(f"{scheme:<4} {name:<58} {row['step_ms']:8.1f} ms {row['samples_per_s']:7.1f} samples/s "
+                  f"x{row['speedup_vs_naive']:.2f}  peak {row.get('peak_gib', 0):5.1f} GiB  first {row['first_step_s']:.1f}s"
+                  f"  {errs}", flush=True)
+            if os.environ.get("OUT"):  # after every row: a run cut short keeps what it measured
+                Path(os.environ["OUT"], "train_step.json").write_text(json.dumps(
+                    {"card": card, "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"card: {card}, torch {torch.__version__}, batch {args.batch}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "train_step.json").write_text(json.dumps({"card": card, "torch": torch.__version__,
+                                                                          "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
