@@ -128,6 +128,11 @@ def show_config(profile: Profile = "sd21", config: ConfigFile = None, set_: Sets
     typer.echo(yaml.safe_dump(_cfg(profile, config, set_).model_dump(mode="json"), sort_keys=False))
 
 
+from sb2.prompts.cli import app as prompts_app  # noqa: E402  (it imports the options above)
+
+app.add_typer(prompts_app, name="prompts")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
