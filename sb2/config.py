@@ -106,6 +106,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.
     prompts: str = "data/samples/prompts.txt"
+    # A folder written by `sb2 prompts embed` for these prompts: their text embeddings are read, not computed.
+    prompt_embeddings: str | None = None
     num_workers: int = Field(0, ge=0)
 
 

@@ -176,6 +176,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         ema = EMAModel(m.student_params, decay=cfg.ema.decay)
     sampler = PromptSampler(prompts_all, cfg.train.batch_size, cfg.train.seed + accelerator.process_index)
     null_emb = encode_prompts(m.text_encoder, m.tokenizer, [""], device)
+    cache = None
+    if cfg.train.prompt_embeddings:
+        from sb2.prompts.embeddings import EmbeddingCache
+
+        cache = EmbeddingCache(cfg.train.prompt_embeddings, teacher=cfg.models.teacher)
     autocast = accelerator.autocast if use_cuda else nullcontext
     own_logger = logger is None
     if logger is None:
@@ -188,7 +193,10 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     t_last, n_last = time.perf_counter(), 0
     for step in bar:
         prompts = sampler.next_batch()
-        emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
+        if cache is not None:
+            emb = cache.lookup(prompts).to(device, null_emb.dtype)
+        else:
+            emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
         loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
         accelerator.backward(loss)
         gn_s = accelerator.clip_grad_norm_(m.student_params, cfg.optim.max_grad_norm)
