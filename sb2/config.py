@@ -178,7 +178,7 @@ class PromptDedupConfig(_Strict):
     near: bool = True
     # Estimated Jaccard similarity of word shingles at or above which a later prompt is a near duplicate.
     threshold: float = Field(0.7, gt=0.0, le=1.0)
-    shingle_words: int = Field(2, ge=1, le=8)
+    shingle_words: int = Field(1, ge=1, le=8)
     num_perm: int = Field(64, ge=8, le=512)
     bands: int = Field(16, ge=1)
 

@@ -10,9 +10,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only annotates here; importing it costs the prompt builder half a GiB
+    import torch
 
 TINY_PREFIX = "tiny:"
 

@@ -1,7 +1,8 @@
 """Prompt normalization and the per-prompt filters: pure functions of one string.
 
-The order matters: HTML entities are decoded before NFKC (``&nbsp;`` becomes a space only then), and whitespace is
-collapsed last, after the removals that leave gaps behind.
+The order matters: HTML entities are decoded first (``&nbsp;`` becomes a space only through NFKC, ``&#8203;`` a
+zero-width space that must go), control characters go before NFKC (so that removing one cannot leave a sequence
+that NFKC would have composed), and whitespace is collapsed last, after the removals that leave gaps behind.
 """
 
 from __future__ import annotations
@@ -104,10 +105,9 @@ def collapse_whitespace(text: str) -> str:
 def normalize_prompt(text: str, rules: NormalizeRules = NormalizeRules()) -> str:
     """Entities decoded, NFKC, control characters removed, HTML tags, URLs and Midjourney parameters stripped,
     whitespace collapsed."""
-    text = unescape_html(text)
+    text = remove_control_chars(unescape_html(text))
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
-    text = remove_control_chars(text)
     if rules.strip_html_tags:
         text = strip_html_tags(text)
     if rules.strip_urls:

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -74,7 +75,7 @@ def expand_paths(src: PromptSourceConfig) -> list[Path]:
     return [p for p in found if not (p in seen or seen.add(p))]
 
 
-def _open_streams(path: Path) -> Iterator[tuple[str, io.BufferedIOBase]]:
+def _open_streams(path: Path) -> Iterator[tuple[str, BinaryIO]]:
     """(display name, binary stream) for a plain or compressed file, one per member of a tar archive."""
     name = path.name
     if name.endswith((".tgz", ".tar.gz", ".tar", ".tar.bz2", ".tar.xz")):
@@ -141,7 +142,7 @@ def _jsonl(stream, display: str, src: PromptSourceConfig, ck: _Chunker) -> Itera
         except UnicodeDecodeError as e:
             out = ck.bad(f"{display}:{lineno}", f"invalid UTF-8 at byte {e.start + 1}")
         except json.JSONDecodeError as e:
-            out = ck.bad(f"{display}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})")
+            out = ck.bad(f"{display}:{lineno}", f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
         else:
             out = _json_record(rec, display, lineno, fld, col, low, ck)
         if out is not None:
