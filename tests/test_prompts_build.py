@@ -243,3 +243,11 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (f"error: {f}:4: malformed JSON (Expecting value at column 12) "
                                                  "(bad_input.on_error=stop)")
     assert not (tmp_path / "o").exists()
+
+
+def test_nothing_left_is_an_error(tmp_path):
+    (tmp_path / "p.txt").write_text("ab\n--ar 16:9\n")
+    with pytest.raises(PromptInputError, match=r"no prompt left: 2 records read, dropped .*'empty': 1.*'too_short': 1"):
+        build_prompts(_cfg(tmp_path, [{"name": "t", "format": "text", "paths": [str(tmp_path / "p.txt")]}]),
+                      tmp_path / "o", None, log=_quiet)
+    assert not (tmp_path / "o").exists()

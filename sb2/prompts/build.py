@@ -81,6 +81,10 @@ def build_prompts(cfg: PromptsConfig, out_dir: str | Path, models_cfg: ModelsCon
             f"({time.perf_counter() - t0:.0f} s)")
         keep = _deduplicate(cfg, spilled, counts, work)
         log(f"{int(keep.sum()):,} left after deduplication ({time.perf_counter() - t0:.0f} s)")
+        if not keep.any():
+            dropped = {r: sum(c.dropped[r] for c in counts.values()) for r in REASONS[1:] + ("filtered",)}
+            raise PromptInputError(f"no prompt left: {sum(c.records for c in counts.values())} records read, "
+                                   f"dropped {dropped}, bad {sum(c.bad_input for c in counts.values())}")
         shards, content, lengths = _pass2(cfg, spilled, keep, counts, tmp, work)
         shutil.rmtree(work)
         manifest = _manifest(cfg, counts, shards, content, tokenizer_id)
