@@ -168,7 +168,7 @@ class PromptFilterConfig(_Strict):
     min_chars: int = Field(3, ge=1)
     min_words: int = Field(1, ge=1)
     # CLIP's context is 77 tokens, BOS and EOS included.
-    max_tokens: int = Field(75, ge=1)
+    max_tokens: int = Field(75, ge=1, le=4096)
     long_prompts: Literal["truncate", "drop"] = "truncate"
     # Letters over non-space characters; below it a prompt is "mostly non-text" (numbers, symbols, emoji).
     min_letter_fraction: float = Field(0.5, ge=0.0, le=1.0)

@@ -39,10 +39,16 @@ def test_cache_round_trip(built):
     got = cache.lookup(prompts)
     assert got.dtype == torch.float32 and got.shape == (len(prompts), 77, 32)
     torch.testing.assert_close(got, encode_prompts(encoder, tokenizer, prompts, "cpu"), rtol=1e-5, atol=1e-6)
-    with pytest.raises(KeyError, match="not in the embedding cache"):
+    with pytest.raises(ValueError, match="not in the embedding cache"):
         cache.lookup(["a prompt that was never built"])
     with pytest.raises(ValueError, match="but the teacher is 'other'"):
         EmbeddingCache(root / "emb", teacher="other")
+    EmbeddingCache(root / "emb", prompts=root / "prompts")
+    other = root / "other_prompts"
+    other.mkdir(exist_ok=True)
+    (other / "manifest.json").write_text(json.dumps({"content_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="another prompt set"):
+        EmbeddingCache(root / "emb", prompts=other)
 
 
 def test_cache_float16(built, tmp_path):

@@ -82,7 +82,8 @@ def _new_shard(folder: Path, index: int, rows: int, shape: tuple, dtype) -> np.n
 class EmbeddingCache:
     """Cached text embeddings by prompt: ``cache.lookup(prompts)`` is what ``encode_prompts`` would return."""
 
-    def __init__(self, folder: str | Path, teacher: str | None = None):
+    def __init__(self, folder: str | Path, teacher: str | None = None, prompts: str | Path | None = None):
+        """``teacher`` and ``prompts`` (a built prompt folder), when given, must be what the cache was made from."""
         folder = Path(folder)
         meta_path = folder / "embeddings.json"
         if not meta_path.is_file():
@@ -90,6 +91,10 @@ class EmbeddingCache:
         self.meta = json.loads(meta_path.read_text())
         if teacher is not None and self.meta["teacher"] != teacher:
             raise ValueError(f"{folder}: embeddings of {self.meta['teacher']!r}, but the teacher is {teacher!r}")
+        manifest = Path(prompts) / "manifest.json" if prompts is not None else None
+        if manifest is not None and manifest.is_file():
+            if json.loads(manifest.read_text())["content_sha256"] != self.meta["prompts_content_sha256"]:
+                raise ValueError(f"{folder}: embeddings of another prompt set than {prompts}")
         index = pq.read_table(folder / "index.parquet")
         ids = index.column("id").to_numpy()
         order = np.argsort(ids, kind="stable")
@@ -107,6 +112,6 @@ class EmbeddingCache:
         pos = np.minimum(np.searchsorted(self._ids, wanted), max(len(self._ids) - 1, 0))
         missing = np.flatnonzero(self._ids[pos] != wanted) if len(self._ids) else np.arange(len(prompts))
         if missing.size:
-            raise KeyError(f"prompt not in the embedding cache {self.folder}: {prompts[missing[0]]!r}")
+            raise ValueError(f"prompt not in the embedding cache {self.folder}: {prompts[missing[0]]!r}")
         rows = [self._arrays[s][r] for s, r in zip(self._shard[pos], self._row[pos])]
         return torch.from_numpy(np.stack(rows))

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from sb2.config import PromptSourceConfig
 
@@ -142,7 +144,8 @@ def _jsonl(stream, display: str, src: PromptSourceConfig, ck: _Chunker) -> Itera
         except UnicodeDecodeError as e:
             out = ck.bad(f"{display}:{lineno}", f"invalid UTF-8 at byte {e.start + 1}")
         except json.JSONDecodeError as e:
-            out = ck.bad(f"{display}:{lineno}", f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+            msg = e.msg.removesuffix(" at")  # "Unterminated string starting at"
+            out = ck.bad(f"{display}:{lineno}", f"malformed JSON ({msg} at column {e.colno})")
         else:
             out = _json_record(rec, display, lineno, fld, col, low, ck)
         if out is not None:
@@ -180,9 +183,11 @@ def _text(stream, display: str, src: PromptSourceConfig, ck: _Chunker) -> Iterat
         if not raw.strip():
             continue
         try:
-            out = ck.text(raw.decode("utf-8").strip().lstrip("\ufeff") if lineno == 1 else raw.decode("utf-8").strip())
+            text = raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:
             out = ck.bad(f"{display}:{lineno}", f"invalid UTF-8 at byte {e.start + 1}")
+        else:
+            out = ck.text(text.lstrip("\ufeff") if lineno == 1 else text)
         if out is not None:
             yield out
 
@@ -240,9 +245,6 @@ def _csv(stream, display: str, src: PromptSourceConfig, ck: _Chunker) -> Iterato
 
 
 def _parquet(path: Path, src: PromptSourceConfig, ck: _Chunker) -> Iterator[FileChunk]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
@@ -278,8 +280,6 @@ def _parquet(path: Path, src: PromptSourceConfig, ck: _Chunker) -> Iterator[File
 
 
 def _parquet_texts(column, path: Path, first_row: int, ck: _Chunker) -> list[str | None]:
-    import pyarrow as pa
-
     try:
         column.validate(full=True)
         return ["" if t is None else t for t in column.to_pylist()]

@@ -180,7 +180,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     if cfg.train.prompt_embeddings:
         from sb2.prompts.embeddings import EmbeddingCache
 
-        cache = EmbeddingCache(cfg.train.prompt_embeddings, teacher=cfg.models.teacher)
+        cache = EmbeddingCache(cfg.train.prompt_embeddings, teacher=cfg.models.teacher, prompts=cfg.train.prompts)
     autocast = accelerator.autocast if use_cuda else nullcontext
     own_logger = logger is None
     if logger is None:
