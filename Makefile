@@ -20,15 +20,18 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job on CPU: train both branches on the tiny profile, merge them, generate and export.
+# The main job on CPU: build the prompt set from the samples, train both branches on it (tiny profile), merge them,
+# generate and export.
 demo: $(STAMP)
-	$(SB2) train --scheme full -p $(PROFILE) --out $(DEMO)/full
-	$(SB2) train --scheme lora -p $(PROFILE) --out $(DEMO)/lora
+	$(SB2) prompts build -p $(PROFILE) --out $(DEMO)/prompts
+	$(SB2) train --scheme full -p $(PROFILE) --set train.prompts=$(DEMO)/prompts --out $(DEMO)/full
+	$(SB2) train --scheme lora -p $(PROFILE) --set train.prompts=$(DEMO)/prompts --out $(DEMO)/lora
 	$(SB2) merge $(DEMO)/full/student $(DEMO)/lora/student -p $(PROFILE) --out $(DEMO)/merged
 	$(SB2) generate --model $(DEMO)/merged/unet -p $(PROFILE) --prompt-file data/samples/prompts.txt --out $(DEMO)/images
 	$(SB2) export --model $(DEMO)/merged/unet -p $(PROFILE) --out $(DEMO)/pipeline
 	@echo
 	@echo "Demo outputs in $(DEMO)/:"
+	@echo "  prompts/                     the prompt set built from data/samples/ (manifest.json, stats.png)"
 	@echo "  full/student, lora/student   the two trained branches (samples.png and logs/ beside each)"
 	@echo "  merged/unet                  the merged one-step student (lambda in merged/merge.json)"
 	@echo "  images/grid.png              one-step images for data/samples/prompts.txt"

@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--scheme", choices=["full", "lora", "both"], default="both")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="naive, best eager and compiled variants only")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -249,6 +250,8 @@ def main() -> None:
         if not args.no_compile and device.type == "cuda":
             levers.append(("  + torch.compile (no channels_last)",
                            dict(gradient_checkpointing=False, channels_last=False, compile=True), {}, False, True))
+        if args.quick:  # naive, the best eager variant and compile only
+            levers = [levers[0], levers[3]] + levers[5:]
         if scheme == "lora" and not args.tiny:
             levers = [levers[0], levers[3]] + levers[5:]  # the lever study is on full; lora: naive vs best
         ref, base_ms = None, None

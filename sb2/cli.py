@@ -155,6 +155,9 @@ def show_config(profile: Profile = None, config: ConfigFile = None, set_: Sets =
 from sb2.evaluation.cli import evaluate_command  # noqa: E402  (its own module: four modes, one stage each)
 
 app.command("evaluate")(_user_errors(evaluate_command))
+from sb2.prompts.cli import app as prompts_app  # noqa: E402  (it imports the options above)
+
+app.add_typer(prompts_app, name="prompts")
 
 
 def main() -> None:  # pragma: no cover

@@ -123,6 +123,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.
     prompts: str = "data/samples/prompts.txt"
+    # A folder written by `sb2 prompts embed` for these prompts: their text embeddings are read, not computed.
+    prompt_embeddings: str | None = None
     num_workers: int = Field(0, ge=0)
     # A step with a non-finite loss or gradient is skipped; this many in a row stop the run.
     max_consecutive_nonfinite: int = Field(10, ge=1)
@@ -282,6 +284,109 @@ class EvalConfig(_Strict):
     timing: TimingConfig = TimingConfig()
 
 
+class PromptSourceConfig(_Strict):
+    """One prompt source: files (paths or globs) in one format; ``name`` becomes the ``source`` column."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    format: Literal["jsonl", "parquet", "text", "csv", "tsv"]
+    paths: list[str] = Field(min_length=1)
+    # The prompt's JSON field or column; default "prompt", and "TEXT" for Parquet (LAION's metadata).
+    field: str | None = None
+    # Keep only records whose numeric `filter_column` is >= filter_min (e.g. LAION's AESTHETIC_SCORE >= 6.25).
+    filter_column: str | None = None
+    filter_min: float | None = None
+    # Stop reading this source after this many records (bad ones included), e.g. the paper's 2M LAION prompts.
+    max_records: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _filter(self) -> "PromptSourceConfig":
+        if (self.filter_column is None) != (self.filter_min is None):
+            raise ValueError("filter_column and filter_min go together")
+        if self.filter_column is not None and self.format == "text":
+            raise ValueError("a text source has no columns to filter on")
+        return self
+
+    @property
+    def prompt_field(self) -> str:
+        return self.field or ("TEXT" if self.format == "parquet" else "prompt")
+
+
+class PromptNormalizeConfig(_Strict):
+    strip_midjourney_params: bool = True
+    strip_urls: bool = True
+    strip_html_tags: bool = True
+    # Words or phrases (case-insensitive, whole words): a prompt containing one is dropped as "blocked".
+    blocklist: list[str] = []
+    blocklist_file: str | None = None
+
+
+class PromptFilterConfig(_Strict):
+    min_chars: int = Field(3, ge=1)
+    min_words: int = Field(1, ge=1)
+    # CLIP's context is 77 tokens, BOS and EOS included.
+    max_tokens: int = Field(75, ge=1, le=4096)
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    # Letters over non-space characters; below it a prompt is "mostly non-text" (numbers, symbols, emoji).
+    min_letter_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class PromptDedupConfig(_Strict):
+    near: bool = True
+    # Estimated Jaccard similarity of word shingles at or above which a later prompt is a near duplicate.
+    threshold: float = Field(0.7, gt=0.0, le=1.0)
+    shingle_words: int = Field(1, ge=1, le=8)
+    num_perm: int = Field(64, ge=8, le=512)
+    bands: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _bands(self) -> "PromptDedupConfig":
+        if self.num_perm % self.bands:
+            raise ValueError("num_perm must be a multiple of bands")
+        return self
+
+
+class BadInputConfig(_Strict):
+    # skip: report and count each bad record, stop only when a file has more than max_bad_fraction of them.
+    on_error: Literal["skip", "stop"] = "skip"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class PromptEmbeddingsConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    shard_rows: int = Field(4096, ge=1)
+
+
+class PromptsConfig(_Strict):
+    """The prompt dataset builder (paper 4.3, 5.1): 1.3–1.5M deduplicated JourneyDB prompts + 2M LAION prompts."""
+
+    sources: list[PromptSourceConfig] = [
+        PromptSourceConfig(name="journeydb", format="jsonl", paths=["data/raw/journeydb/*.jsonl*"]),
+        PromptSourceConfig(name="laion", format="parquet", paths=["data/raw/laion/*.parquet"], max_records=2_000_000),
+    ]
+    normalize: PromptNormalizeConfig = PromptNormalizeConfig()
+    filters: PromptFilterConfig = PromptFilterConfig()
+    dedup: PromptDedupConfig = PromptDedupConfig()
+    bad_input: BadInputConfig = BadInputConfig()
+    # Share of prompts in the validation split, chosen by a hash of the prompt (stable as the dataset grows).
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    shard_rows: int = Field(500_000, ge=1)
+    # Token counting uses this model's tokenizer; default: the teacher's (models.teacher).
+    tokenizer: str | None = None
+    # Processes for normalization, token counting and hashing; 0 = one per CPU core.
+    workers: int = Field(0, ge=0)
+    chunk_rows: int = Field(20_000, ge=1)
+    embeddings: PromptEmbeddingsConfig = PromptEmbeddingsConfig()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[PromptSourceConfig]) -> list[PromptSourceConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique: {names}")
+        return v
+
+
 class Config(_Strict):
     profile: str = "sd21"
     models: ModelsConfig = ModelsConfig()
@@ -298,6 +403,7 @@ class Config(_Strict):
     merge: MergeConfig = MergeConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvalConfig = EvalConfig()
+    prompts: PromptsConfig = PromptsConfig()
 
     @field_validator("profile")
     @classmethod

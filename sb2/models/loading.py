@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only annotates here; importing it costs the prompt builder half a GiB
+    import torch
 
 TINY_PREFIX = "tiny:"
 
@@ -130,6 +131,23 @@ def load_text_encoder(model_id: str, models_cfg=None, dtype=None, device="cpu"):
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the text encoder of {model_id!r}: {_first_line(e)}") from e
     return enc.eval().requires_grad_(False), tok
+
+
+def load_tokenizer(model_id: str, models_cfg=None):
+    """The text encoder's tokenizer alone (the ``tokenizer`` subfolder of a pipeline), as a fast tokenizer."""
+    from transformers import CLIPTokenizerFast
+
+    path = resolve(model_id)
+    p = Path(path).expanduser()
+    sub = "tokenizer" if not _is_local(path) or (p / "tokenizer").is_dir() else None
+    kw = _hub_kwargs(models_cfg)
+    if sub:
+        kw["subfolder"] = sub
+    try:
+        return CLIPTokenizerFast.from_pretrained(str(p) if _is_local(path) else path, **kw)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {first}") from e
 
 
 def load_vae(model_id: str, models_cfg=None, dtype=None, device="cpu"):

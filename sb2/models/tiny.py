@@ -162,14 +162,14 @@ def save_open_clip(folder: Path, seed: int, model_cfg: dict | None = None) -> No
 
 def build_tiny_world(root: str | Path) -> Path:
     """Build (once) every tiny model under ``root/<version>/`` and return that folder."""
-    from diffusers import StableDiffusionPipeline
-
     from sb2.atomic import atomic_dir
 
     root = Path(root)
     final = root / TINY_VERSION
     if (final / "done").is_file():
         return final
+    from diffusers import StableDiffusionPipeline  # after the check: the import alone takes seconds
+
     # Building seeds torch's global RNG; a run that builds the world must draw the same numbers as one that finds it.
     with torch.random.fork_rng(devices=[]), atomic_dir(final) as tmp:
         tok_dir = tmp / "_tokenizer"

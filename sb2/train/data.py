@@ -1,5 +1,5 @@
-"""Prompt sources for image-free training: a text file (one prompt a line), or Parquet/CSV/TSV with a prompt column
-(a file or a folder of shards, as the prompt builder writes)."""
+"""Prompt sources for image-free training: a text file (one prompt a line), Parquet/CSV/TSV with a prompt column
+(a file or a folder of shards), or a folder written by the prompt builder (its train split)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ def read_prompts(source: str | Path, column: str = "prompt") -> list[str]:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"prompt source {str(path)!r} does not exist")
+    if (path / "manifest.json").is_file() and (path / "train").is_dir():
+        path = path / "train"  # a folder written by `sb2 prompts build`: its train split
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".parquet", ".txt", ".csv", ".tsv"}) \
         if path.is_dir() else [path]
     prompts: list[str] = []

@@ -116,6 +116,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         ema = EMAModel(m.student_params, decay=cfg.ema.decay)
     sampler = PromptSampler(prompts_all, cfg.train.batch_size, cfg.train.seed + rank)
     null_emb = encode_prompts(m.text_encoder, m.tokenizer, [""], device)
+    cache = None
+    if cfg.train.prompt_embeddings:
+        from sb2.prompts.embeddings import EmbeddingCache
+
+        cache = EmbeddingCache(cfg.train.prompt_embeddings, teacher=cfg.models.teacher, prompts=cfg.train.prompts)
     autocast = accelerator.autocast if use_cuda else nullcontext
 
     start, skipped_total = 0, 0
@@ -169,7 +174,10 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     with _Preemption(cfg.checkpoint.grace_period_s) as preempt:
         for step in bar:
             prompts = sampler.next_batch()
-            emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
+            if cache is not None:
+                emb = cache.lookup(prompts).to(device, null_emb.dtype)
+            else:
+                emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
             loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
             ok = _finite(loss)
             if ok:
