@@ -71,7 +71,16 @@ class JsonlLogger:
         pass
 
     def close(self) -> None:
+        """Also writes ``history.json`` (one object per logged step, "/" in names as "."), which DVC plots."""
         self._metrics.close()
+        rows = []
+        for line in (self.folder / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            rows.append({k.replace("/", "."): v for k, v in row.items() if k != "time"})
+        (self.folder / "history.json").write_text(json.dumps(rows, indent=1))
 
 
 class MultiLogger:

@@ -187,7 +187,8 @@ def test_concurrent_registrations_cannot_both_become_champion(mlflow_server, exp
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGABRT)  # faulthandler prints where it hung
             _, err = p.communicate()
-            raise AssertionError(f"registration hung: {err[-3000:]}")
+            start = err.find("Fatal Python error")
+            raise AssertionError(f"registration hung: {err[start:start + 6000]}")
         assert p.returncode == 0, err
     recs = [json.loads((tmp_path / f"c{i}" / "registration.json").read_text()) for i in range(2)]
     assert sorted(r["promoted"] for r in recs) == [False, True]

@@ -152,4 +152,30 @@ def evaluate(model: str | Path, cfg, out_dir: str | Path, device: str | None = N
         "seconds": timer.summary(), "evaluate_config": ecfg.model_dump(mode="json"),
     }
     write_json(out / "metrics.json", record)
+    log_to_tracking(cfg, "evaluate", out, record, [out / "metrics.json"])
     return record
+
+
+def numeric_metrics(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, dict) and k not in ("seconds", "evaluate_config", "reference"):
+            out.update(numeric_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def log_to_tracking(cfg, stage: str, out: Path, record: dict[str, Any], artifacts: list[Path]) -> None:
+    """The stage's MLflow run (``out/mlflow_run.json`` points at it): its config, its numbers and its files."""
+    from sb2.tracking import safe_config, stage_logger
+
+    logger = stage_logger(cfg, stage, out)
+    try:
+        logger.log_params(safe_config(cfg))
+        logger.log_metrics(numeric_metrics(record), step=0)
+        for path in artifacts:
+            if Path(path).exists():
+                logger.log_artifact(path)
+    finally:
+        logger.close()

@@ -105,4 +105,8 @@ def sweep_lambda(a: str | Path, b: str | Path, cfg, out_dir: str | Path, device:
               "clip_floor": scfg.clip_floor, "merged": str(merged), "num_captions": len(captions),
               "caption_rule": CAPTION_RULE, "device": device_name(device), "seconds": seconds}
     write_json(out / "sweep.json", record)
+    from sb2.evaluation.evaluate import log_to_tracking
+
+    log_to_tracking(cfg, "sweep", out, {"chosen": best}, [out / "sweep.json", out / "sweep.csv",
+                                                          out / "lambda_sweep.png"])
     return record
