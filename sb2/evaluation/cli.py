@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="Config profile: tiny or sd21.")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file merged over the profile.")]
+from sb2.cli import ConfigFile, Profile  # noqa: E402  (sb2.cli imports this module after defining them)
+
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set evaluate.seed=1.")]
 MaybePath = Optional[Path]
 OUT_HELP = "Output folder (with --ref-stats: default evaluate.reference_dir)."
@@ -29,7 +29,7 @@ def evaluate_command(
     images: Annotated[MaybePath, typer.Option(help="Reference image folder for --ref-stats.")] = None,
     captions: Annotated[Optional[int], typer.Option("--captions", "-n", help=CAPTIONS_HELP)] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
-    profile: Profile = "sd21",
+    profile: Profile = None,
     config: ConfigFile = None,
     set_: Sets = None,
 ):

@@ -18,7 +18,7 @@ Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override
 
 @app.command()
 @_user_errors
-def build(out: Out, profile: Profile = "sd21", config: ConfigFile = None, set_: Sets = None):
+def build(out: Out, profile: Profile = None, config: ConfigFile = None, set_: Sets = None):
     """Read the configured sources (prompts.sources), normalize, filter, deduplicate, split and shard them."""
     from sb2.prompts.build import build_prompts
 
@@ -35,7 +35,7 @@ def embed(
     prompts: Annotated[Path, typer.Option(help="A folder written by `sb2 prompts build`.")],
     out: Out,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
-    profile: Profile = "sd21",
+    profile: Profile = None,
     config: ConfigFile = None,
     set_: Sets = None,
 ):
