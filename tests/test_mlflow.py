@@ -52,9 +52,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
     raise AssertionError(f"{url} did not answer in {timeout}s")
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
+def _start_server(root: Path):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -62,16 +60,29 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     uri = f"http://127.0.0.1:{port}"
+    _wait_http(f"{uri}/health", proc)
+    return proc, uri
+
+
+def _stop(proc):
+    proc.terminate()
     try:
-        _wait_http(f"{uri}/health", proc)
-        old = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow-server"))
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
         yield uri
+    finally:
         if old is not None:
             os.environ["MLFLOW_TRACKING_URI"] = old
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        _stop(proc)
 
 
 def test_training_logs_params_metrics_and_images(mlflow_server, tiny_cfg, tmp_path):
@@ -169,8 +180,19 @@ def test_gate_both_ways_and_the_pyfunc_predicts(mlflow_server, exported, tmp_pat
     assert [im.size for im in images] == [(64, 64), (64, 64)]
 
 
-def test_concurrent_registrations_cannot_both_become_champion(mlflow_server, exported, tmp_path):
-    """Two processes register models with the same, better FID at once: exactly one is promoted."""
+def test_concurrent_registrations_cannot_both_become_champion(exported, tmp_path):
+    """Two processes register models with the same, better FID at once: exactly one is promoted.
+
+    A server of its own: under two concurrent writers, a SQLite-backed server that has served other clients could
+    stall (seen on this 2-core machine); production deployments use PostgreSQL (manifests/)."""
+    server, uri = _start_server(tmp_path / "server")
+    try:
+        _race(uri, exported, tmp_path)
+    finally:
+        _stop(server)
+
+
+def _race(mlflow_server, exported, tmp_path):
     name = "sb2-race"
     _register(mlflow_server, exported, {"fid": 30.0, "clip_score": 0.3}, tmp_path / "base", name)
     procs = []

@@ -152,6 +152,10 @@ def evaluate(model: str | Path, cfg, out_dir: str | Path, device: str | None = N
         "seconds": timer.summary(), "evaluate_config": ecfg.model_dump(mode="json"),
     }
     write_json(out / "metrics.json", record)
+    # The headline numbers alone, for `dvc metrics show/diff` and the registry gate.
+    headline = {k: v for k, v in numeric_metrics(record).items()
+                if k.split(".")[0] in ("fid", "clip_score", "precision", "recall", "hps") and not k.endswith(".n")}
+    write_json(out / "scores.json", headline)
     log_to_tracking(cfg, "evaluate", out, record, [out / "metrics.json"])
     return record
 
