@@ -4,10 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SB2 := $(VENV)/bin/sb2
 STAMP := $(VENV)/.sb2-installed
-DEMO := local_outputs/demo
-PROFILE ?= tiny
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo remote lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,25 +18,29 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job on CPU: build the prompt set from the samples, train both branches on it (tiny profile), merge them,
-# generate and export.
+# The main job on CPU: the whole DVC pipeline on params.yaml (tiny profile): build the prompt set from the samples,
+# train both branches, merge, evaluate (FID, precision/recall, CLIP, HPS with the tiny judges), sweep λ, generate a
+# grid and register the merged model in MLflow (a SQLite store in the project unless MLFLOW_TRACKING_URI is set).
 demo: $(STAMP)
-	$(SB2) prompts build -p $(PROFILE) --out $(DEMO)/prompts
-	$(SB2) train --scheme full -p $(PROFILE) --set train.prompts=$(DEMO)/prompts --out $(DEMO)/full
-	$(SB2) train --scheme lora -p $(PROFILE) --set train.prompts=$(DEMO)/prompts --out $(DEMO)/lora
-	$(SB2) merge $(DEMO)/full/student $(DEMO)/lora/student -p $(PROFILE) --out $(DEMO)/merged
-	$(SB2) generate --model $(DEMO)/merged/unet -p $(PROFILE) --prompt-file data/samples/prompts.txt --out $(DEMO)/images
-	$(SB2) export --model $(DEMO)/merged/unet -p $(PROFILE) --out $(DEMO)/pipeline
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
 	@echo
-	@echo "Demo outputs in $(DEMO)/:"
-	@echo "  prompts/                     the prompt set built from data/samples/ (manifest.json, stats.png)"
-	@echo "  full/student, lora/student   the two trained branches (samples.png and logs/ beside each)"
-	@echo "  merged/unet                  the merged one-step student (lambda in merged/merge.json)"
-	@echo "  images/grid.png              one-step images for data/samples/prompts.txt"
-	@echo "  pipeline/                    a diffusers StableDiffusionPipeline folder (1 step, guidance 0)"
+	@echo "Outputs (dvc.yaml lists every stage's):"
+	@echo "  outputs/images/grid.png       one-step images of the merged student for data/samples/prompts.txt"
+	@echo "  outputs/full, outputs/lora     the two branches (student/, samples.png, logs/history.json)"
+	@echo "  outputs/merged/unet            the merged student;  outputs/sweep/lambda_sweep.png  the λ sweep"
+	@echo "  outputs/eval/scores.json       its metrics;  outputs/registry/registration.json  the registry decision"
+	@echo "  plots: dvc plots show  (loss curves, λ sweep)"
+	@echo "  MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"
+
+# A DVC remote in a folder you name, for `dvc push` / `dvc pull`:  make remote DIR=/path/to/store
+remote: $(STAMP)
+	@test -n "$(DIR)" || (echo "usage: make remote DIR=/path/to/folder" && exit 2)
+	$(VENV)/bin/dvc remote add --default --force --local store "$(abspath $(DIR))"
+	@echo "dvc push / dvc pull now use $(abspath $(DIR))"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sb2 tests
 
 clean:
-	rm -rf local_outputs .pytest_cache
+	rm -rf local_outputs outputs dvc_plots .pytest_cache

@@ -243,7 +243,7 @@ def main() -> None:
             ("naive", dict(off), {}, True, False),
             ("ours: bf16 frozen, batched CFG, fused AdamW, cached text", dict(off), {"vsd.single_teacher_call": "false"},
              False, True),
-            ("  + teacher and LoRA teacher in one call", dict(off), {}, False, True),
+            ("  + teacher and LoRA teacher in one call", dict(off), {"vsd.single_teacher_call": "true"}, False, True),
             ("  + no gradient checkpointing", dict(off, gradient_checkpointing=False), {}, False, True),
             ("  + channels_last", dict(gradient_checkpointing=False, channels_last=True), {}, False, True),
         ]

@@ -12,34 +12,7 @@ import typer
 app = typer.Typer(help="SwiftBrush v2: one-step text-to-image distillation.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 
-Profile = Annotated[Optional[str], typer.Option("--profile", "-p", help="Config profile: tiny or sd21 (default: the "
-                                                                       "config file's profile, else sd21).")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file merged over the profile.")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set train.steps=100.")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-
-
-def _user_errors(fn):
-    """A user error (bad config, missing model or file) is one line on stderr and exit code 2, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from sb2.config import ConfigError
-        from sb2.models.loading import ModelLoadError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, ModelLoadError, FileNotFoundError, ValueError) as e:
-            typer.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _cfg(profile: str, config: Optional[Path], sets: Optional[list[str]]):
-    from sb2.config import load_config
-
-    return load_config(profile, sets or [], config)
+from sb2.cli_options import ConfigFile, Out, Profile, Sets, _cfg, _user_errors  # noqa: E402,F401
 
 
 @app.command()

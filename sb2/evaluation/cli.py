@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sb2.cli import ConfigFile, Profile  # noqa: E402  (sb2.cli imports this module after defining them)
+from sb2.cli_options import ConfigFile, Profile
 
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set evaluate.seed=1.")]
 MaybePath = Optional[Path]

@@ -11,7 +11,7 @@ app = typer.Typer(help="The prompt dataset: build it from JourneyDB/LAION/your f
                   no_args_is_help=True)
 
 # sb2.cli registers this app at its end: `app` exists before the shared options are imported back from it.
-from sb2.cli import ConfigFile, Out, Profile, _cfg, _user_errors  # noqa: E402 I001
+from sb2.cli_options import ConfigFile, Out, Profile, _cfg, _user_errors  # noqa: E402 I001
 
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. --set prompts.workers=2.")]
 
