@@ -250,10 +250,9 @@ def main() -> None:
         if not args.no_compile and device.type == "cuda":
             levers.append(("  + torch.compile (no channels_last)",
                            dict(gradient_checkpointing=False, channels_last=False, compile=True), {}, False, True))
-        if args.quick:  # naive, the best eager variant and compile only
+        if args.quick or (scheme == "lora" and not args.tiny):
+            # naive, the best eager variant and the compiled one (the lever study itself is on the full scheme)
             levers = [levers[0], levers[3]] + levers[5:]
-        if scheme == "lora" and not args.tiny:
-            levers = [levers[0], levers[3]] + levers[5:]  # the lever study is on full; lora: naive vs best
         ref, base_ms = None, None
         for name, train_kw, other, naive, pre in levers:
             sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]
