@@ -223,7 +223,10 @@ def test_served_champion_answers_and_rejects_bad_requests(mlflow_server, exporte
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
          "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # the scoring server is started as `uvicorn` from PATH: the environment's bin folder must be on it
+        env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server,
+                 PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     url = f"http://127.0.0.1:{port}"
 
