@@ -7,7 +7,9 @@ STAMP := $(VENV)/.sb2-installed
 DEMO := local_outputs/demo
 PROFILE ?= tiny
 
-.PHONY: install test demo lint clean
+IMAGE ?= ghcr.io/sb2-project/sb2:latest
+
+.PHONY: install test demo lint clean image push pipeline
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,16 @@ demo: $(STAMP)
 	@echo "  merged/unet                  the merged one-step student (lambda in merged/merge.json)"
 	@echo "  images/grid.png              one-step images for data/samples/prompts.txt"
 	@echo "  pipeline/                    a diffusers StableDiffusionPipeline folder (1 step, guidance 0)"
+
+# The Kubeflow image (where Docker exists) and the compiled pipeline (see README, "Kubeflow").
+image:
+	docker build -t $(IMAGE) .
+
+push: image
+	docker push $(IMAGE)
+
+pipeline: $(STAMP)
+	$(PY) pipelines/sb2_pipeline.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sb2 tests

@@ -67,8 +67,9 @@ def evaluate(config: str, model: Input[Model], evaluation: Output[Dataset], metr
     from sb2.kfp.tasks import config_from_yaml
 
     run(f"{model.path}/unet", config_from_yaml(config), evaluation.path)
-    for k, v in json.load(open(f"{evaluation.path}/scores.json")).items():
-        metrics.log_metric(k, v)
+    with open(f"{evaluation.path}/scores.json") as f:
+        for k, v in json.load(f).items():
+            metrics.log_metric(k, v)
 
 
 @_component
@@ -88,11 +89,13 @@ def generate(config: str, model: Input[Model], prompt_file: str, images: Output[
     """sb2.generation.generator.generate → PNGs and a grid of one-step images."""
     import base64
 
-    from sb2.generation.generator import generate as run, read_prompt_args
+    from sb2.generation.generator import generate as run
+    from sb2.generation.generator import read_prompt_args
     from sb2.kfp.tasks import config_from_yaml
 
     run(f"{model.path}/unet", read_prompt_args(None, prompt_file), images.path, config_from_yaml(config))
-    png = base64.b64encode(open(f"{images.path}/grid.png", "rb").read()).decode()
+    with open(f"{images.path}/grid.png", "rb") as f:
+        png = base64.b64encode(f.read()).decode()
     with open(grid.path, "w") as f:
         f.write(f'<img src="data:image/png;base64,{png}">')
 

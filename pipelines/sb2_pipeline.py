@@ -13,7 +13,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components import stages  # noqa: E402
+from components import stages
 
 YAML = Path(__file__).with_name("sb2.yaml")
 # One Secret holds every credential; its keys become environment variables (manifests/base/secret.yaml has the keys).
@@ -85,7 +85,7 @@ def sb2_pipeline(
                           evaluation=evaluation.outputs["evaluation"])
     reg.set_caching_options(False)  # a registration is an event (a new model version), never a cached result
     tasks = [config, prompts, *branches.values(), merged, evaluation, images, reg]
-    with dsl.If(sweep == True):  # noqa: E712 — a KFP condition, compiled to CEL
+    with dsl.If(sweep == True):  # a KFP condition, compiled to CEL
         s = _on_gpus(stages.sweep_lambda(config=config.output, a=a, b=b), 1, gpu_node_selector, gpu_tolerations)
         tasks.append(s)
     for t in tasks:
