@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 SB2 := $(VENV)/bin/sb2
 STAMP := $(VENV)/.sb2-installed
 
-.PHONY: install test demo remote lint clean
+IMAGE ?= ghcr.io/sb2-project/sb2:latest
+
+.PHONY: install test demo remote lint clean image push pipeline
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +40,16 @@ remote: $(STAMP)
 	@test -n "$(DIR)" || (echo "usage: make remote DIR=/path/to/folder" && exit 2)
 	$(VENV)/bin/dvc remote add --default --force --local store "$(abspath $(DIR))"
 	@echo "dvc push / dvc pull now use $(abspath $(DIR))"
+
+# The Kubeflow image (where Docker exists) and the compiled pipeline (see README, "Kubeflow").
+image:
+	docker build -t $(IMAGE) .
+
+push: image
+	docker push $(IMAGE)
+
+pipeline: $(STAMP)
+	$(PY) pipelines/sb2_pipeline.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sb2 tests

@@ -116,6 +116,27 @@ def register(
     typer.echo(f"{rec['model_name']} version {rec['version']}: {verdict} ({rec['reason']})")
 
 
+@app.command()
+@_user_errors
+def submit(
+    host: Annotated[str, typer.Option(help="The Kubeflow Pipelines endpoint, e.g. http://localhost:8080.")],
+    package: Annotated[Path, typer.Option(help="The compiled pipeline.")] = Path("pipelines/sb2.yaml"),
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="A pipeline parameter, e.g. "
+                                                       "--param profile=sd21 --param gpus_per_train=8.")] = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "sb2",
+    run_name: Annotated[Optional[str], typer.Option(help="Run name.")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Kubeflow profile namespace (multi-user).")] = None,
+    upload_as: Annotated[Optional[str], typer.Option(help="Also upload the package as this pipeline.")] = None,
+):
+    """Upload and run the compiled Kubeflow pipeline with kfp.Client (the same as `kfp run create -f`)."""
+    from sb2.kfp.submit import parse_params, submit as run
+
+    if not package.is_file():
+        raise FileNotFoundError(f"{package}: no compiled pipeline (python pipelines/sb2_pipeline.py writes it)")
+    rec = run(host, package, parse_params(param or [], package), experiment, run_name, namespace, upload_as)
+    typer.echo(f"run {rec['run_id']} started: {rec['url']}")
+
+
 @app.command("config")
 @_user_errors
 def show_config(profile: Profile = None, config: ConfigFile = None, set_: Sets = None):

@@ -1,0 +1,66 @@
+"""The glue between KFP artifacts and the stage functions, shared by every component in ``components/``.
+
+A pipeline run resolves and validates its config once (:func:`pipeline_config`); every task receives that YAML text and
+adds only the paths of its artifacts (:func:`config_from_yaml`). Training writes its checkpoints to the PVC
+(``work_dir``), so a retried task resumes, and copies only the finished student into its Model artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from sb2.config import Config, load_config
+from sb2.kfp.launcher import accelerate_command
+
+
+def pipeline_config(profile: str, overrides: list[str], models: dict[str, str] | None = None, steps: int = 0,
+                    lam: float | None = None, prompt_sources: str = "", tracking_uri: str = "",
+                    work_root: str = "") -> str:
+    """The validated config of one pipeline run as YAML: the profile; the pipeline's parameters (model ids or paths,
+    an empty one keeps the profile's; steps, 0 keeps the profile's; λ; the prompt sources, a YAML list, empty keeps
+    the profile's; the MLflow server; the reference features on the volume); then free ``key=value`` overrides."""
+    sets = [f"models.{k}={v}" for k, v in (models or {}).items() if v]
+    sets += [f"train.steps={steps}"] if steps else []
+    sets += [f"merge.lam={lam}"] if lam is not None else []
+    if tracking_uri:
+        sets.append(f"tracking.uri={tracking_uri}")
+    if work_root:
+        sets.append(f"evaluate.reference_dir={Path(work_root) / 'reference' / profile}")
+    cfg = load_config(profile, sets + list(overrides))
+    tree = cfg.model_dump(mode="json")
+    if prompt_sources.strip():
+        tree["prompts"]["sources"] = yaml.safe_load(prompt_sources)
+        cfg = Config.model_validate(tree)  # a bad source is a config error here, before any GPU starts
+        tree = cfg.model_dump(mode="json")
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def config_from_yaml(text: str, overrides: list[str] | None = None) -> Config:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.yaml"
+        path.write_text(text)
+        return load_config(None, overrides or [], path)
+
+
+def train_branch(config: str, scheme: str, prompts_dir: str, work_dir: str, student_dir: str,
+                 gpus_per_node: int, env: dict[str, str] | None = None) -> Path:
+    """Train one branch into ``work_dir`` (on the PVC; resumed from its newest checkpoint when the task is retried)
+    through :func:`accelerate_command`, then copy the student and its logs, not the checkpoints, to ``student_dir``."""
+    from sb2.train.checkpoint import CKPT_DIR
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_file = work.parent / f"{work.name}.config.yaml"
+    cfg = config_from_yaml(config, [f"train.prompts={prompts_dir}"])
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    env = dict(os.environ if env is None else env)
+    cmd = accelerate_command(env, gpus_per_node, ["--scheme", scheme, "-c", str(cfg_file), "--out", str(work)])
+    subprocess.run(cmd, check=True, env=env)
+    shutil.copytree(work, student_dir, ignore=shutil.ignore_patterns(CKPT_DIR), dirs_exist_ok=True)
+    return Path(student_dir) / "student"
