@@ -39,11 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0, log: Path | None = None) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"server exited: {log.read_text()[-5000:] if log else ''}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return
@@ -54,13 +54,16 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
 
 def _start_server(root: Path):
     port = _free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "server.log"
+    # Output goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=open(log, "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    _wait_http(f"{uri}/health", proc)
+    _wait_http(f"{uri}/health", proc, log=log)
     return proc, uri
 
 
@@ -181,10 +184,8 @@ def test_gate_both_ways_and_the_pyfunc_predicts(mlflow_server, exported, tmp_pat
 
 
 def test_concurrent_registrations_cannot_both_become_champion(exported, tmp_path):
-    """Two processes register models with the same, better FID at once: exactly one is promoted.
-
-    A server of its own: under two concurrent writers, a SQLite-backed server that has served other clients could
-    stall (seen on this 2-core machine); production deployments use PostgreSQL (manifests/)."""
+    """Two processes register models with the same, better FID at once: exactly one is promoted (on a fresh server,
+    so that no earlier test's registry state is involved)."""
     server, uri = _start_server(tmp_path / "server")
     try:
         _race(uri, exported, tmp_path)
@@ -226,8 +227,7 @@ def test_served_champion_answers_and_rejects_bad_requests(mlflow_server, exporte
         # the scoring server is started as `uvicorn` from PATH: the environment's bin folder must be on it
         env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server,
                  PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def post(payload):
@@ -240,7 +240,7 @@ def test_served_champion_answers_and_rejects_bad_requests(mlflow_server, exporte
             return e.code, json.loads(e.read() or b"{}")
 
     try:
-        _wait_http(f"{url}/ping", proc, timeout=180)
+        _wait_http(f"{url}/ping", proc, timeout=180, log=tmp_path / "serve.log")
         status, body = post({"dataframe_split": {"columns": ["prompt", "seed"], "data": [["a cat", 3]]}})
         assert status == 200, body
         png = base64.b64decode(body["predictions"][0]["image_png_base64"])
