@@ -248,7 +248,7 @@ def main() -> None:
             ("  + channels_last", dict(gradient_checkpointing=False, channels_last=True), {}, False, True),
         ]
         if not args.no_compile and device.type == "cuda":
-            levers.append(("  + torch.compile (no channels_last)",
+            levers.append(("  + torch.compile, per block (no channels_last)",
                            dict(gradient_checkpointing=False, channels_last=False, compile=True), {}, False, True))
         if args.quick or (scheme == "lora" and not args.tiny):
             # naive, the best eager variant and the compiled one (the lever study itself is on the full scheme)

@@ -131,6 +131,9 @@ class TrainConfig(_Strict):
     # GPU speed switches (see BENCHMARKS.md): NHWC convolutions, and torch.compile of the student and teacher UNets.
     channels_last: bool = True
     compile: bool = False
+    # "blocks": each transformer and ResNet block compiled on its own (regional compilation: identical blocks share one
+    # compiled graph, so compiling takes a minute or two); "full": the whole UNet as one graph (compiles for > 4 min).
+    compile_mode: Literal["blocks", "full"] = "blocks"
 
 
 class CheckpointConfig(_Strict):
