@@ -273,3 +273,53 @@ def test_train_multinode_writes_config_and_prompts_to_the_volume_and_collects_th
     assert seen["config"]["train"]["prompts"] == str(volume / "runs" / "run-1" / "prompts")
     assert (volume / "runs" / "run-1" / "prompts" / "train" / "part-0.txt").read_text() == "a cat\n"
     validate_training_job({k: v for k, v in job.items() if k != "status"})
+
+
+def test_a_cancelled_task_deletes_its_job(tmp_path):
+    """KFP stops a cancelled run's pods with SIGTERM: the job and its GPUs go with the waiting task."""
+    import os
+    import signal
+
+    from sb2.kfp.multinode import _delete_on_sigterm
+
+    api, job = FakeApi(), _build("TrainJob")
+    jobs = Jobs(api, "TrainJob", "team-a")
+    jobs.create(job)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        with _delete_on_sigterm(jobs, job["metadata"]["name"]):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 5)  # not reached: the handler raises first
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert api.deleted == [("trainjobs", "team-a", job["metadata"]["name"])]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_job_past_its_timeout_is_deleted_and_the_task_fails(tmp_path):
+    from sb2.kfp.tasks import pipeline_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    api = FakeApi(lambda obj: obj.setdefault("status", TRAINJOB_STATUSES[3][0]))  # runs forever
+    with pytest.raises(TimeoutError, match="did not finish in 0 s"):
+        train_multinode(pipeline_config("tiny", []), "full", str(prompts), str(tmp_path), "run-1",
+                        str(tmp_path / "student"), kind="TrainJob", image="sb2:test", nodes=2, gpus_per_node=1,
+                        pvc_name="vol", mount_path=str(tmp_path), node_selector={}, tolerations=[], timeout_s=0,
+                        api=api, namespace="team-a", poll_s=0)
+    assert api.deleted == [("trainjobs", "team-a", job_name("run-1", "full"))] and not api.objects
+    # the prompt file was staged next to the run, where the nodes read it
+    assert (tmp_path / "runs" / "run-1" / "prompts.txt").read_text() == "a cat\n"
+
+
+def test_a_job_deleted_under_the_task_fails_it_clearly(tmp_path):
+    from sb2.kfp.tasks import pipeline_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    api = FakeApi()
+    api.play = lambda obj: api.objects.clear()  # someone runs kubectl delete after the first look
+    with pytest.raises(JobFailed, match="was deleted while the pipeline waited for it"):
+        train_multinode(pipeline_config("tiny", []), "full", str(prompts), str(tmp_path), "run-1",
+                        str(tmp_path / "student"), kind="PyTorchJob", image="sb2:test", nodes=2, gpus_per_node=1,
+                        pvc_name="vol", mount_path=str(tmp_path), node_selector={}, tolerations=[], timeout_s=60,
+                        api=api, namespace="team-a", poll_s=0)

@@ -240,6 +240,7 @@ def _stage_prompts(src: str | Path, dest: Path) -> Path:
     """The prompt set where every node can read it (the task's input artifact is local to its pod): copied once
     per run, atomically, so two branches or a retry never see half a copy."""
     if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{time.time_ns()}")
         (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, tmp)
         try:
