@@ -229,7 +229,11 @@ def _delete_on_sigterm(jobs: Jobs, name: str):
         jobs.delete(name)
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: no handler; the job then outlives a cancel
+        yield
+        return
     try:
         yield
     finally:
