@@ -12,4 +12,6 @@ COPY pyproject.toml README.md ./
 RUN mkdir sb2 && touch sb2/__init__.py && pip install --upgrade pip && pip install . && pip uninstall -y sb2
 COPY sb2 sb2
 COPY data/samples data/samples
-RUN pip install --no-deps . && python -c "import sb2.cli, sb2.kfp.tasks, kfp, accelerate"
+# The check loads the multi-node job templates too: package data, not only code.
+RUN pip install --no-deps . && python -c "import sb2.cli, sb2.kfp.tasks, kfp, accelerate, kubernetes; \
+    from sb2.kfp.multinode import load_template; load_template('TrainJob'); load_template('PyTorchJob')"

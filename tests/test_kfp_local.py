@@ -1,6 +1,7 @@
 """The whole Kubeflow pipeline, run by kfp.local's SubprocessRunner on the tiny profile: every component executes
-in a subprocess of this interpreter, artifacts flow from task to task, training checkpoints stay on the "volume"
-(work_root), and the registry ends as after `dvc repro`: version 1, champion and challenger."""
+in a subprocess of this interpreter, artifacts flow from task to task (through the dsl.OneOf of the volume and of
+the training branches), training checkpoints stay on the "volume" (work_root), and the registry ends as after
+`dvc repro`: version 1, champion and challenger."""
 
 import json
 import shutil
@@ -38,9 +39,11 @@ def test_pipeline_runs_end_to_end_locally(tmp_path, monkeypatch):
     sb2_pipeline(profile="tiny", gpus_per_train=1, work_root=str(work), mlflow_tracking_uri=uri, lam=0.5)
 
     out = _one(tmp_path / "root", "sb2-swiftbrush-v2-*")
-    ran = {p.name for p in out.iterdir() if (p / "executor_output.json").is_file() or p.name == "resolve-config"}
-    assert ran == {"resolve-config", "build-prompts", "train-branch", "train-branch-2", "merge", "evaluate",
-                   "generate", "register"}  # sweep is off by default
+    ran = {p.name for p in out.iterdir() if (p / "executor_output.json").is_file()
+           or p.name in ("named-volume", "resolve-config")}  # parameter outputs only: no file
+    # the named volume (pvc_name's default), one training task a branch (train_nodes=1); the sweep is off by default
+    assert ran == {"named-volume", "resolve-config", "build-prompts", "train-branch", "train-branch-2", "merge",
+                   "evaluate", "generate", "register"}
     assert json.loads((out / "build-prompts/prompts/manifest.json").read_text())["total"]["train"] > 0
     for branch, scheme in (("train-branch", "full"), ("train-branch-2", "lora")):
         student = out / branch / "student"

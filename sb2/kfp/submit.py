@@ -26,8 +26,11 @@ def parse_params(pairs: list[str], package: str | Path) -> dict[str, Any]:
 
 
 def submit(host: str, package: str | Path, params: dict[str, Any], experiment: str = "sb2",
-           run_name: str | None = None, namespace: str | None = None, upload_as: str | None = None) -> dict[str, str]:
-    """Optionally upload the package as a pipeline (a new version if ``upload_as`` exists), then start a run."""
+           run_name: str | None = None, namespace: str | None = None, upload_as: str | None = None,
+           service_account: str = "") -> dict[str, str]:
+    """Optionally upload the package as a pipeline (a new version if ``upload_as`` exists), then start a run, its
+    pods running as ``service_account`` (empty: KFP's default, default-editor in a Kubeflow profile namespace, which
+    manifests/base/rbac.yaml lets create PVCs and multi-node jobs)."""
     import kfp
 
     client = kfp.Client(host=host, namespace=namespace)
@@ -39,5 +42,6 @@ def submit(host: str, package: str | Path, params: dict[str, Any], experiment: s
             client.upload_pipeline_version(str(package), pipeline_version_name=f"{upload_as}-{Path(package).stat().st_mtime_ns}",
                                            pipeline_id=pid)
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
-                                                   experiment_name=experiment, namespace=namespace)
+                                                   experiment_name=experiment, namespace=namespace,
+                                                   service_account=service_account or None)
     return {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}

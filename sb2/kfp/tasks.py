@@ -48,19 +48,36 @@ def config_from_yaml(text: str, overrides: list[str] | None = None) -> Config:
         return load_config(None, overrides or [], path)
 
 
+def write_train_config(config: str, prompts: str | Path, work_dir: str | Path) -> Path:
+    """The run's config with this branch's prompt set, next to the branch's folder on the volume: what `sb2 train -c`
+    reads, in this task or on every node of a multi-node job."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_file = work.parent / f"{work.name}.config.yaml"
+    cfg = config_from_yaml(config, [f"train.prompts={prompts}"])
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return cfg_file
+
+
+def copy_student(work_dir: str | Path, student_dir: str | Path) -> Path:
+    """The finished branch (student, LoRA teacher, logs), not its checkpoints, into the task's Model artifact. A
+    training process that exits without a student (stopped by SIGTERM after a checkpoint) fails the task, so KFP
+    retries it and the retry resumes."""
+    from sb2.train.checkpoint import CKPT_DIR
+
+    work = Path(work_dir)
+    if not (work / "student").is_dir():
+        raise RuntimeError(f"training left no student in {work} (interrupted?); a retry resumes from its checkpoints")
+    shutil.copytree(work, student_dir, ignore=shutil.ignore_patterns(CKPT_DIR), dirs_exist_ok=True)
+    return Path(student_dir) / "student"
+
+
 def train_branch(config: str, scheme: str, prompts_dir: str, work_dir: str, student_dir: str,
                  gpus_per_node: int, env: dict[str, str] | None = None) -> Path:
     """Train one branch into ``work_dir`` (on the PVC; resumed from its newest checkpoint when the task is retried)
     through :func:`accelerate_command`, then copy the student and its logs, not the checkpoints, to ``student_dir``."""
-    from sb2.train.checkpoint import CKPT_DIR
-
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg_file = work.parent / f"{work.name}.config.yaml"
-    cfg = config_from_yaml(config, [f"train.prompts={prompts_dir}"])
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    cfg_file = write_train_config(config, prompts_dir, work_dir)
     env = dict(os.environ if env is None else env)
-    cmd = accelerate_command(env, gpus_per_node, ["--scheme", scheme, "-c", str(cfg_file), "--out", str(work)])
+    cmd = accelerate_command(env, gpus_per_node, ["--scheme", scheme, "-c", str(cfg_file), "--out", str(work_dir)])
     subprocess.run(cmd, check=True, env=env)
-    shutil.copytree(work, student_dir, ignore=shutil.ignore_patterns(CKPT_DIR), dirs_exist_ok=True)
-    return Path(student_dir) / "student"
+    return copy_student(work_dir, student_dir)
