@@ -7,6 +7,7 @@ adds only the paths of its artifacts (:func:`config_from_yaml`). Training writes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,5 +63,11 @@ def train_branch(config: str, scheme: str, prompts_dir: str, work_dir: str, stud
     env = dict(os.environ if env is None else env)
     cmd = accelerate_command(env, gpus_per_node, ["--scheme", scheme, "-c", str(cfg_file), "--out", str(work)])
     subprocess.run(cmd, check=True, env=env)
+    info = work / "train.json"
+    if not info.is_file() or json.loads(info.read_text()).get("steps") != cfg.train.steps:
+        # A preempted run checkpoints and exits 0 before its last step: fail the task so that KFP retries it (the
+        # retry resumes from the checkpoint on the volume) instead of passing on a student that does not exist.
+        raise RuntimeError(f"training in {work} stopped before step {cfg.train.steps} (preempted?); its checkpoint "
+                           f"stays on the volume and the retried task resumes from it")
     shutil.copytree(work, student_dir, ignore=shutil.ignore_patterns(CKPT_DIR), dirs_exist_ok=True)
     return Path(student_dir) / "student"
