@@ -142,9 +142,14 @@ class CheckpointConfig(_Strict):
     every: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
     resume: bool = True
-    # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds (30 s by default): the run saves at
-    # the end of the step in flight, so one step plus one checkpoint write must fit in this budget.
+    # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds (30 s by default; keep the two
+    # equal): the run saves at the end of the step in flight, so one step plus one checkpoint write must fit in this
+    # budget (a warning says so when they do not). A watchdog stops the process shortly before it ends (exit code 75,
+    # the previous checkpoint kept) if the checkpoint is not complete by then. SIGINT is handled the same way.
     grace_period_s: float = Field(30.0, gt=0.0)
+    # A checkpoint written by a different number of processes: refuse (one-line error), or resume its models,
+    # optimizers and step with fresh data order and random streams for the processes it holds no state for.
+    world_size_change: Literal["refuse", "resume"] = "refuse"
 
 
 class TrackingConfig(_Strict):

@@ -256,3 +256,24 @@ def test_submit_parameters_are_typed_by_the_compiled_pipeline():
         parse_params(["gpus=4"], COMMITTED)
     with pytest.raises(ValueError, match="name=value"):
         parse_params(["profile"], COMMITTED)
+
+
+def test_a_preempted_training_fails_the_task_so_that_kfp_retries_it(tmp_path, monkeypatch):
+    """On SIGTERM `sb2 train` checkpoints and exits 0 before its last step; the task must not pass that on as done."""
+    import sb2.kfp.tasks as tasks
+
+    work, student = tmp_path / "work", tmp_path / "student"
+    finish = {"run": False}
+
+    def fake_run(cmd, check, env):  # the training command: preempted, or run to its last step
+        if finish["run"]:
+            (work / "student").mkdir()
+            (work / "train.json").write_text(json.dumps({"steps": 4}))
+
+    monkeypatch.setattr(tasks.subprocess, "run", fake_run)
+    config = tasks.pipeline_config("tiny", ["train.steps=4"])
+    with pytest.raises(RuntimeError, match="stopped before step 4 .*retried task resumes"):
+        tasks.train_branch(config, "full", str(tmp_path), str(work), str(student), 1)
+    assert not student.exists()
+    finish["run"] = True
+    assert tasks.train_branch(config, "full", str(tmp_path), str(work), str(student), 1) == student / "student"

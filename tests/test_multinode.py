@@ -5,6 +5,7 @@ the wait loop's success, failure and timeout; create-or-reattach for a retried t
 fake Kubernetes API that plays the operator."""
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -258,6 +259,7 @@ def test_train_multinode_writes_config_and_prompts_to_the_volume_and_collects_th
         out = Path(args[args.index("--out") + 1])
         (out / "student").mkdir(parents=True, exist_ok=True)
         (out / "checkpoints" / "step-00000004").mkdir(parents=True, exist_ok=True)
+        (out / "train.json").write_text(json.dumps({"steps": seen["config"]["train"]["steps"]}))  # a finished run
         obj["status"] = TRAINJOB_STATUSES[4][0]
 
     student = train_multinode(pipeline_config("tiny", []), "lora", str(prompts), str(volume), "run-1",

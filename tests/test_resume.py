@@ -77,13 +77,38 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 < 30
-    assert "SIGTERM" in err
-    saved = ckpt.list_checkpoints(run)
-    assert len(saved) == 1 and saved[0][0] >= 1
-    ckpt.verify(saved[0][1])
+    assert "SIGTERM: checkpoint at step" in err
+    step, path = ckpt.list_checkpoints(run)[-1]  # (the first step of a run checkpoints too)
+    assert f"SIGTERM: checkpoint at step {step} saved" in err
+    ckpt.verify(path)
     # and the run goes on from there
-    r = subprocess.run(_train_cmd(run, f"train.steps={saved[0][0] + 1}"), env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0 and f"(step {saved[0][0]})" in r.stderr, r.stderr
+    r = subprocess.run(_train_cmd(run, f"train.steps={step + 1}"), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and f"(step {step})" in r.stderr, r.stderr
+
+
+def test_a_checkpoint_that_cannot_fit_in_the_grace_period_stops_at_the_deadline(tmp_path):
+    """A grace period shorter than one step: warned about at start, with the numbers; then on SIGINT (handled as
+    SIGTERM) the watchdog exits at the deadline, mid-step, with code 75, and the previous checkpoint stays good."""
+    from sb2.train.loop import EXIT_GRACE_EXPIRED
+
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_train_cmd(run, "train.steps=100000", "checkpoint.every=100000",
+                                           "checkpoint.grace_period_s=0.05", "tracking.enabled=false"),
+                                env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    while "more than fits in checkpoint.grace_period_s = 0.05 s" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() - t0 < 120, log.read_text()[-3000:]
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == EXIT_GRACE_EXPIRED == 75, log.read_text()[-3000:]
+    assert time.monotonic() - t0 < 5  # the deadline is 45 ms after the signal; this bound is generous
+    text = log.read_text()
+    assert ("SIGINT: the checkpoint could not be completed within the grace period (checkpoint.grace_period_s = "
+            "0.05 s); exiting with code 75") in text
+    assert "The newest complete checkpoint is step 1" in text
+    assert ckpt.load_latest_good(run).step == 1
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path):
@@ -159,5 +184,18 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(tiny_cfg, t
     cfg.train.steps, cfg.checkpoint.every, cfg.train.max_consecutive_nonfinite = 20, 2, 3
     with pytest.raises(loop.TrainingDiverged, match="3 consecutive non-finite steps.*last good checkpoint \\(step 2\\)"):
         loop.train(cfg, "full", tmp_path, progress=False)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]  # the first step of a run checkpoints too
     assert not (tmp_path / "student").exists()
+
+
+def test_a_cut_write_leaves_only_staging_which_the_next_checkpoint_clears(tmp_path):
+    ckpt.begin_checkpoint(tmp_path, 1)
+    ckpt.write_rank_state(tmp_path, 1, 0, {"x": torch.zeros(2)})
+    ckpt.finish_checkpoint(tmp_path, 1, {"step": 1}, keep_last=3)
+    ckpt.begin_checkpoint(tmp_path, 2)
+    ckpt.write_rank_state(tmp_path, 2, 0, {"x": torch.ones(2)})  # ... and the process is gone
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1] and ckpt.load_latest_good(tmp_path).step == 1
+    ckpt.begin_checkpoint(tmp_path, 3)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == [".tmp-step-00000003"]
+    with pytest.raises(ckpt.CorruptCheckpoint, match="rank-1.pt not written"):  # a process did not write its state
+        ckpt.write_rank_state(tmp_path, 3, 0, {}) or ckpt.finish_checkpoint(tmp_path, 3, {"step": 3}, 3, world_size=2)

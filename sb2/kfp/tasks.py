@@ -7,6 +7,7 @@ adds only the paths of its artifacts (:func:`config_from_yaml`). Training writes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,13 +60,17 @@ def write_train_config(config: str, prompts: str | Path, work_dir: str | Path) -
     return cfg_file
 
 
-def copy_student(work_dir: str | Path, student_dir: str | Path) -> Path:
+def copy_student(work_dir: str | Path, student_dir: str | Path, steps: int | None = None) -> Path:
     """The finished branch (student, LoRA teacher, logs), not its checkpoints, into the task's Model artifact. A
-    training process that exits without a student (stopped by SIGTERM after a checkpoint) fails the task, so KFP
-    retries it and the retry resumes."""
+    training process that exits without a student, or before ``steps`` (stopped by SIGTERM after a checkpoint: `sb2
+    train` exits 0 then), fails the task, so KFP retries it and the retry resumes from the checkpoint on the volume."""
     from sb2.train.checkpoint import CKPT_DIR
 
     work = Path(work_dir)
+    info = work / "train.json"
+    if steps is not None and (not info.is_file() or json.loads(info.read_text()).get("steps") != steps):
+        raise RuntimeError(f"training in {work} stopped before step {steps} (preempted?); its checkpoint stays on the "
+                           f"volume and the retried task resumes from it")
     if not (work / "student").is_dir():
         raise RuntimeError(f"training left no student in {work} (interrupted?); a retry resumes from its checkpoints")
     shutil.copytree(work, student_dir, ignore=shutil.ignore_patterns(CKPT_DIR), dirs_exist_ok=True)
@@ -80,4 +85,4 @@ def train_branch(config: str, scheme: str, prompts_dir: str, work_dir: str, stud
     env = dict(os.environ if env is None else env)
     cmd = accelerate_command(env, gpus_per_node, ["--scheme", scheme, "-c", str(cfg_file), "--out", str(work_dir)])
     subprocess.run(cmd, check=True, env=env)
-    return copy_student(work_dir, student_dir)
+    return copy_student(work_dir, student_dir, steps=yaml.safe_load(cfg_file.read_text())["train"]["steps"])

@@ -8,10 +8,13 @@ UNet for ``full``, a peft LoRA adapter naming its base for ``lora``), ``lora_tea
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,34 +38,151 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps: the run stopped, its last good checkpoint kept."""
 
 
-class _Preemption:
-    """SIGTERM (Kubernetes preemption, spot reclaim) asks the loop to checkpoint at the end of the step in flight and
-    exit cleanly; a second SIGTERM, or the grace period running out, is left to the default handling."""
+EXIT_GRACE_EXPIRED = 75  # EX_TEMPFAIL: stopped at the deadline before the checkpoint was complete; retry resumes
+_MARGIN_S = 2.0  # the watchdog stops this much before the grace period ends (a tenth of it, for short ones)
 
-    def __init__(self, grace_s: float):
-        self.grace_s, self.requested_at = grace_s, None
-        self._old = None
+
+class _Preemption:
+    """SIGTERM (Kubernetes preemption, spot reclaim) or SIGINT asks the loop to checkpoint at the end of the step in
+    flight and exit 0. Kubernetes sends SIGKILL ``terminationGracePeriodSeconds`` after SIGTERM, so a watchdog
+    started at the signal holds the process to ``checkpoint.grace_period_s``: if the checkpoint is not complete at the
+    deadline (the grace period less a small margin), it exits by itself with ``EXIT_GRACE_EXPIRED`` and a message
+    naming the newest complete checkpoint (writes are atomic: the one in flight is simply not there), rather than
+    being killed mid-write without a word. A second signal gets the default handling (immediate death).
+
+    A step is never interrupted: exact resume needs the student and LoRA-teacher updates of a step to be both done or
+    both not done. The watchdog is a thread, which needs the interpreter lock; should a C call hold it past the
+    deadline, faulthandler (which does not) dumps the stacks and exits with code 1 half a margin later."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, grace_s: float, rank: int = 0, describe=lambda: ""):
+        self.grace_s = grace_s
+        self.deadline_s = grace_s - min(_MARGIN_S, grace_s / 10)
+        self.rank, self.describe = rank, describe  # describe(): where the newest complete checkpoint is
+        self.requested_at: float | None = None
+        self.signal_name = "a signal to another process"  # what stopped this process, for the messages
+        self.checkpointed = False  # the preemption checkpoint is complete: the deadline then exits 0
+        self._old: dict[int, object] = {}
+        self._signalled, self._over = threading.Event(), threading.Event()
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, no preemption support
-            self._old = None
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no handler, no preemption support
+                pass
+        if self._old:
+            threading.Thread(target=self._watch, name="sb2-preemption-watchdog", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
         if self.requested_at is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.raise_signal(signal.SIGTERM)
-        self.requested_at = time.monotonic()
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+        self.arm()
+
+    def arm(self) -> None:
+        """Start the clock: on our own signal, or when another DDP process was signalled (it may not reach us)."""
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            # (at least 0.1 s later: the thread may wait a switch interval, 5 ms, for the interpreter lock)
+            backstop = self.deadline_s + max((self.grace_s - self.deadline_s) / 2, 0.1)
+            faulthandler.dump_traceback_later(backstop, exit=True)
+            self._signalled.set()  # no thread is started here: a signal handler may interrupt threading's own locks
+
+    def _watch(self) -> None:
+        self._signalled.wait()
+        if self.requested_at is None:
+            return
+        if self._over.wait(max(0.0, self.requested_at + self.deadline_s - time.monotonic())):
+            return
+        if self.checkpointed:
+            msg, code = (f"{self.signal_name}: the grace period ({self.grace_s:g} s) ran out while exiting after the "
+                         f"checkpoint; exiting now"), 0
+        else:
+            msg, code = (f"{self.signal_name}: the checkpoint could not be completed within the grace period "
+                         f"(checkpoint.grace_period_s = {self.grace_s:g} s); exiting with code {EXIT_GRACE_EXPIRED} "
+                         f"before SIGKILL. {self.describe()}"), EXIT_GRACE_EXPIRED
+        if self.rank == 0:
+            os.write(2, f"\nerror: {msg}\n".encode())
+        os._exit(code)
 
     @property
     def requested(self) -> bool:
         return self.requested_at is not None
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        if not self.requested:  # after a preemption the watchdog stays armed until the process is gone
+            self._over.set()
+            self._signalled.set()
+
+
+def _anywhere(accelerator, flag: bool) -> bool:
+    """``flag`` of any process, on every process. Decisions that change which collective calls a process makes
+    (skip a backward, stop to checkpoint) must be the same everywhere, or DDP waits forever for the missing call."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _GraceBudget:
+    """Warns once, with the numbers, when one step plus one checkpoint write would not fit in the grace period: a
+    preemption would then always end at the deadline with the checkpoint before it."""
+
+    def __init__(self, grace_s: float, main: bool):
+        self.grace_s, self.main, self.warned = grace_s, main, False
+        self.step_s: float | None = None
+        self.save_s: float | None = None
+        shutdown = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
+        if main and os.environ.get("TORCHELASTIC_RUN_ID") and shutdown.isdigit() and int(shutdown) < grace_s:
+            print(f"warning: the launcher (torchrun/accelerate launch) kills its processes {shutdown} s after "
+                  f"forwarding SIGTERM (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), less than checkpoint.grace_period_s = "
+                  f"{grace_s:g} s: set TORCH_ELASTIC_SHUTDOWN_TIMEOUT={math.ceil(grace_s)}", file=sys.stderr)
+
+    def check(self, steps_run: int) -> None:
+        # From the second step on: the first one carries warm-up (allocation, autotuning, compilation).
+        if self.warned or not self.main or steps_run < 2 or self.step_s is None or self.save_s is None:
+            return
+        need = self.step_s + self.save_s
+        if need > self.grace_s - min(_MARGIN_S, self.grace_s / 10):
+            self.warned = True
+            print(f"warning: one step ({self.step_s:.3g} s) plus one checkpoint write ({self.save_s:.3g} s) is "
+                  f"{need:.3g} s, more than fits in checkpoint.grace_period_s = {self.grace_s:g} s: a preemption "
+                  f"would stop at the deadline and lose the steps since the previous checkpoint. Raise "
+                  f"checkpoint.grace_period_s together with the pod's terminationGracePeriodSeconds, or checkpoint "
+                  f"more often (checkpoint.every) to lose less.", file=sys.stderr)
+
+
+def _agreed_checkpoint(accelerator, out_dir: Path, cfg: Config) -> ckpt.Loaded | None:
+    """The main process picks the newest good checkpoint (verifying every process's file) and every process loads
+    that one: left to themselves, processes could pick different ones and resume from different steps."""
+    from accelerate.utils import broadcast_object_list
+
+    found, choice = None, [None]
+    if accelerator.is_main_process:
+        try:
+            found = ckpt.find_latest_good(out_dir, warn=lambda s: print(f"warning: {s}", file=sys.stderr))
+            if found is not None:
+                note = ckpt.check_world_size(found, accelerator.num_processes, cfg.checkpoint.world_size_change)
+                if note:
+                    print(f"warning: {note}", file=sys.stderr)
+                choice = [{"path": str(found.path)}]
+        except ckpt.WorldSizeChanged as e:
+            choice = [{"error": str(e)}]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    if choice[0] is None:
+        return None
+    if "error" in choice[0]:
+        raise ckpt.WorldSizeChanged(choice[0]["error"])
+    return found if found is not None else ckpt.Loaded(-1, Path(choice[0]["path"]), None, None)
 
 
 def _finite(*values: torch.Tensor | float) -> bool:
@@ -96,13 +216,18 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
 
     out_dir = Path(out_dir)
     use_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision if use_cuda else "no")
+    # cpu=True: without it accelerate ignores a multi-process launch on a machine without GPUs (every process
+    # thinks it is the only one); with it the processes form a gloo group.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision if use_cuda else "no", cpu=not use_cuda)
     rank, main = accelerator.process_index, accelerator.is_main_process
+    world = accelerator.num_processes
+    found = _agreed_checkpoint(accelerator, out_dir, cfg) if cfg.checkpoint.resume else None
     set_seed(cfg.train.seed, device_specific=True)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     prompts_all = read_prompts(cfg.train.prompts)
-    m = apply_speed_switches(build_models(cfg, scheme, device, weight_dtype), cfg, device)
+    with accelerator.main_process_first():  # one process fills the model cache (downloads, the tiny world) at a time
+        m = apply_speed_switches(build_models(cfg, scheme, device, weight_dtype), cfg, device)
     opt_s = _adamw(m.student_params, cfg.optim.student_lr, cfg, device)
     opt_l = _adamw(m.lora_params, cfg.lora_teacher.lr, cfg, device)
     student, teacher_ddp, opt_s, opt_l = accelerator.prepare(m.student, m.teacher_unet, opt_s, opt_l)
@@ -124,25 +249,31 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     autocast = accelerator.autocast if use_cuda else nullcontext
 
     start, skipped_total = 0, 0
-    if cfg.checkpoint.resume:
-        found = ckpt.load_latest_good(out_dir, rank, warn=lambda s: print(f"warning: {s}", file=sys.stderr))
-        if found is not None:
-            sh = found.shared
-            _load_student_state(unwrapped, scheme, sh["student"])
-            from peft.utils import set_peft_model_state_dict
+    if found is not None:
+        found = ckpt.load_checkpoint(found.path, rank, found.shared)
+        sh = found.shared
+        _load_student_state(unwrapped, scheme, sh["student"])
+        from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(teacher_plain, sh["lora_teacher"])
-            opt_s.load_state_dict(sh["opt_student"])
-            opt_l.load_state_dict(sh["opt_lora_teacher"])
-            if ema is not None and sh.get("ema") is not None:
-                ema.load_state_dict(sh["ema"])
-            start, skipped_total = int(sh["step"]), int(sh.get("nonfinite_skips", 0))
+        set_peft_model_state_dict(teacher_plain, sh["lora_teacher"])
+        opt_s.load_state_dict(sh["opt_student"])
+        opt_l.load_state_dict(sh["opt_lora_teacher"])
+        if ema is not None and sh.get("ema") is not None:
+            ema.load_state_dict(sh["ema"])
+        start, skipped_total = int(sh["step"]), int(sh.get("nonfinite_skips", 0))
+        if found.rank is not None:
             sampler.load_state_dict(found.rank["sampler"])
             ckpt.restore_rng(found.rank["rng"])
-            if main:
-                print(f"resuming from {found.path} (step {start})", file=sys.stderr)
+        else:  # a process the checkpoint has no state for (checkpoint.world_size_change=resume): fresh streams
+            import numpy as np
+
+            set_seed(int(np.random.SeedSequence([cfg.train.seed, start, rank]).generate_state(1)[0]))
+        if main:
+            print(f"resuming from {found.path} (step {start})", file=sys.stderr)
 
     def save_checkpoint(step: int) -> None:
+        # Every process writes its rank file between two barriers; the main process then writes the shared state and
+        # the manifest (which must list every process's file) and renames the folder into place.
         if main:
             ckpt.begin_checkpoint(out_dir, step)
         accelerator.wait_for_everyone()
@@ -156,7 +287,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 "ema": ema.state_dict() if ema is not None else None,
                 "config": json.dumps(safe_config(cfg)),
             }
-            ckpt.finish_checkpoint(out_dir, step, shared, cfg.checkpoint.keep_last)
+            ckpt.finish_checkpoint(out_dir, step, shared, cfg.checkpoint.keep_last, world)
         accelerator.wait_for_everyone()
 
     own_logger = logger is None
@@ -170,16 +301,25 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                disable=not (progress and main))
     logs: dict[str, float] = {}
     t_last, n_last, consecutive = time.perf_counter(), 0, 0
-    last_saved = start
-    with _Preemption(cfg.checkpoint.grace_period_s) as preempt:
+    last_saved = start if found is not None else None
+    budget = _GraceBudget(cfg.checkpoint.grace_period_s, main)
+
+    def newest_checkpoint() -> str:
+        if last_saved is None:
+            return "No checkpoint was complete yet: the next run starts over."
+        return (f"The newest complete checkpoint is step {last_saved} in {out_dir / ckpt.CKPT_DIR}; the next run "
+                f"resumes from it.")
+
+    with _Preemption(cfg.checkpoint.grace_period_s, rank, newest_checkpoint) as preempt:
         for step in bar:
+            t_step = time.perf_counter()
             prompts = sampler.next_batch()
             if cache is not None:
                 emb = cache.lookup(prompts).to(device, null_emb.dtype)
             else:
                 emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
             loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
-            ok = _finite(loss)
+            ok = not _anywhere(accelerator, not _finite(loss))
             if ok:
                 accelerator.backward(loss)
                 gn_s = accelerator.clip_grad_norm_(m.student_params, cfg.optim.max_grad_norm)
@@ -193,7 +333,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 m.teacher_unet = teacher_ddp
                 for _ in range(cfg.lora_teacher.updates_per_student_update):
                     loss_l = lora_teacher_loss(m, cfg, x0, emb, null_emb, autocast)
-                    if not _finite(loss_l):
+                    if _anywhere(accelerator, not _finite(loss_l)):
                         ok = False
                         break
                     accelerator.backward(loss_l)
@@ -213,10 +353,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 if logger is not None:
                     logger.log_metrics({"train/nonfinite_skips": skipped_total}, step + 1)
                 if consecutive >= cfg.train.max_consecutive_nonfinite:
+                    kept = ("No checkpoint was written yet" if last_saved is None else
+                            f"The last good checkpoint (step {last_saved}) is kept in {out_dir / ckpt.CKPT_DIR}")
                     raise TrainingDiverged(
-                        f"{consecutive} consecutive non-finite steps at step {step + 1}; stopped. The last good "
-                        f"checkpoint (step {last_saved}) is kept in {out_dir / ckpt.CKPT_DIR}; lower the learning "
-                        f"rate or check the inputs, then run again to resume from it.")
+                        f"{consecutive} consecutive non-finite steps at step {step + 1}; stopped. {kept}; lower the "
+                        f"learning rate or check the inputs, then run again to resume from it.")
             else:
                 consecutive = 0
                 n_last += cfg.train.batch_size * accelerator.num_processes
@@ -230,18 +371,31 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                     t_last, n_last = now, 0
                     logger.log_metrics(logs, step + 1)
             done = step + 1
+            budget.step_s = time.perf_counter() - t_step
+            # One decision for all processes, at the same step (a signal may reach them at different steps).
+            stop = _anywhere(accelerator, preempt.requested)
+            if stop:
+                preempt.arm()
             every = cfg.tracking.image_every
-            if logger is not None and every and done % every == 0 and done != cfg.train.steps:
+            if logger is not None and every and done % every == 0 and done != cfg.train.steps and not stop:
                 grid = _preview(m, cfg, unwrapped, preview_prompts, out_dir / "logs" / f"samples-{done:08d}.png",
                                 device, weight_dtype)
                 logger.log_image(grid, "samples", step=done)
-            if consecutive == 0 and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps or preempt.requested):
+            # The first step of every run also checkpoints: it measures the write time against the grace period,
+            # and an unwritable checkpoint folder fails in the first minute rather than at `checkpoint.every`.
+            if consecutive == 0 and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop
+                                     or step == start):
+                t_save = time.perf_counter()
                 save_checkpoint(done)
                 last_saved = done
-            if preempt.requested:
+                budget.save_s = time.perf_counter() - t_save
+                preempt.checkpointed = stop
+            budget.check(step - start + 1)
+            if stop:
                 if main:
-                    print(f"SIGTERM: checkpoint at step {done} saved in {out_dir / ckpt.CKPT_DIR}; "
-                          f"exiting to resume later", file=sys.stderr)
+                    saved = (f"checkpoint at step {done} saved in {out_dir / ckpt.CKPT_DIR}" if last_saved == done
+                             else f"no checkpoint after a non-finite step. {newest_checkpoint()}")
+                    print(f"{preempt.signal_name}: {saved}; exiting with code 0 to resume later", file=sys.stderr)
                 if own_logger and logger is not None:
                     logger.close()
                 raise SystemExit(0)

@@ -1,0 +1,163 @@
+"""Two training processes on CPU, launched as in production (`accelerate launch --multi_gpu`, DDP over gloo here):
+one shared state and one state per process in each checkpoint, exact resume after every process is SIGKILLed, a
+change of world size, and SIGTERM reaching only one of the processes."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from sb2.train import checkpoint as ckpt
+
+SETS = ("train.steps=6", "checkpoint.every=1", "checkpoint.keep_last=3", "tracking.enabled=false")
+
+
+def _launch(out: Path, *sets: str, processes: int = 2) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+           "--num_processes", str(processes), "--main_process_port", "0", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "sb2", "train", "--scheme", "lora", "-p", "tiny", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def _env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:  # a file, not a pipe: nobody reads it while the run goes on
+        return subprocess.Popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before {path} appeared: "
+                                 f"{log.read_text()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.02)
+
+
+def _workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The training processes under the launcher, by rank (torchrun starts each in a session of its own)."""
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return {int(k.environ()["RANK"]): k for k in kids if "RANK" in k.environ()}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{part}.{k}": v for part in ("student", "lora_teacher")
+            for k, v in load_file(str(run / part / "adapter_model.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tiny_world):  # tiny_world: built before two processes look for it
+    run = tmp_path_factory.mktemp("ddp") / "unbroken"
+    _run(_launch(run, *SETS))
+    return run
+
+
+def test_each_checkpoint_holds_one_shared_state_and_one_state_per_process(unbroken):
+    saved = ckpt.list_checkpoints(unbroken)
+    assert [s for s, _ in saved] == [4, 5, 6]
+    for step, path in saved:
+        assert sorted(p.name for p in path.iterdir()) == ["MANIFEST.json", "rank-0.pt", "rank-1.pt", "state.pt"]
+        assert ckpt.verify(path)["world_size"] == 2
+    r0, r1 = (ckpt.load_checkpoint(saved[-1][1], k) for k in (0, 1))
+    assert r0.shared["step"] == 6
+    # each process draws its own noise and prompts (seed + rank): the same position, different random streams
+    assert r0.rank["sampler"] == r1.rank["sampler"]
+    assert not torch.equal(r0.rank["rng"]["torch"], r1.rank["rng"]["torch"])
+    assert not torch.equal(r0.rank["rng"]["numpy"]["keys"], r1.rank["rng"]["numpy"]["keys"])
+    assert r0.rank["rng"]["python"] != r1.rank["rng"]["python"]
+
+
+def test_a_checkpoint_with_a_bad_process_state_is_skipped_for_the_previous(unbroken, tmp_path):
+    shutil.copytree(unbroken / "checkpoints", tmp_path / "checkpoints")
+    newest = ckpt.list_checkpoints(tmp_path)[-1][1]
+    data = bytearray((newest / "rank-1.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "rank-1.pt").write_bytes(bytes(data))
+    warnings = []
+    assert ckpt.find_latest_good(tmp_path, warn=warnings.append).step == 5
+    assert "rank-1.pt does not match its checksum" in warnings[0]
+    (newest / "rank-1.pt").unlink()
+    assert ckpt.find_latest_good(tmp_path, warn=warnings.append).step == 5
+    assert "rank-1.pt is missing" in warnings[-1]
+
+
+def test_sigkill_of_every_process_then_resume_is_bitwise_equal_to_an_unbroken_run(unbroken, tmp_path):
+    kill_after = random.randint(1, 4)
+    broken, log = tmp_path / "broken", tmp_path / "broken.log"
+    proc = _start(_launch(broken, *SETS), log)
+    _wait_for(broken / "checkpoints" / ckpt.checkpoint_name(kill_after), proc, log)
+    everyone = [*_workers(proc).values(), psutil.Process(proc.pid)]
+    for p in everyone:  # a node lost: every process at once, the launcher too
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(everyone, timeout=30)
+    proc.wait()
+    assert not (broken / "student").exists(), f"the run finished before SIGKILL (after step {kill_after})"
+    r = _run(_launch(broken, *SETS))
+    assert "resuming from" in r.stderr
+    a, b = _weights(unbroken), _weights(broken)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after SIGKILL at step {kill_after} and resume"
+
+
+def test_a_different_world_size_is_refused_unless_asked_for(unbroken, tiny_cfg, tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from sb2.cli import app
+    from sb2.train.loop import train
+
+    shutil.copytree(unbroken / "checkpoints", tmp_path / "checkpoints")
+    r = CliRunner().invoke(app, ["train", "--scheme", "lora", "-p", "tiny", "--out", str(tmp_path),
+                                 "--set", "train.steps=7"])
+    assert r.exit_code == 2, r.output
+    line, = r.output.strip().splitlines()
+    assert "written by 2 process(es), this run has 1: run with 2 processes" in line
+    assert "checkpoint.world_size_change=resume" in line
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 5, 6] and not (tmp_path / "student").exists()
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.train.steps, cfg.checkpoint.world_size_change, cfg.tracking.enabled = 7, "resume", False
+    capsys.readouterr()
+    train(cfg, "lora", tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert "resuming its models, optimizers and step" in err and "(step 6)" in err
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == 7
+    assert ckpt.verify(ckpt.list_checkpoints(tmp_path)[-1][1])["world_size"] == 1
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _start(_launch(run, "train.steps=100000", "checkpoint.every=100000", "tracking.enabled=false"), log)
+    _wait_for(run / "checkpoints" / ckpt.checkpoint_name(1), proc, log)
+    t0 = time.monotonic()
+    _workers(proc)[1].send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert time.monotonic() - t0 < 30  # checkpoint.grace_period_s
+    out = log.read_text()
+    assert "a signal to another process: checkpoint at step" in out
+    step, path = ckpt.list_checkpoints(run)[-1]
+    assert step >= 2 and ckpt.verify(path)["world_size"] == 2
