@@ -265,15 +265,41 @@ def test_a_preempted_training_fails_the_task_so_that_kfp_retries_it(tmp_path, mo
     work, student = tmp_path / "work", tmp_path / "student"
     finish = {"run": False}
 
-    def fake_run(cmd, check, env):  # the training command: preempted, or run to its last step
+    def fake_run(cmd, env):  # the training command: preempted, or run to its last step
         if finish["run"]:
             (work / "student").mkdir()
             (work / "train.json").write_text(json.dumps({"steps": 4}))
 
-    monkeypatch.setattr(tasks.subprocess, "run", fake_run)
+    monkeypatch.setattr(tasks, "run_forwarding_signals", fake_run)
     config = tasks.pipeline_config("tiny", ["train.steps=4"])
     with pytest.raises(RuntimeError, match="stopped before step 4 .*retried task resumes"):
         tasks.train_branch(config, "full", str(tmp_path), str(work), str(student), 1)
     assert not student.exists()
     finish["run"] = True
     assert tasks.train_branch(config, "full", str(tmp_path), str(work), str(student), 1) == student / "student"
+
+
+def test_the_training_task_passes_sigterm_on_to_the_training_process(tmp_path):
+    """Kubernetes signals the task's main process only; the training process must get the SIGTERM to checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import signal, sys, time, pathlib\n"
+             "def stop(s, f):\n"
+             f"    pathlib.Path({str(tmp_path / 'got')!r}).write_text(str(s)); sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+             "time.sleep(60)\n")
+    task = ("import sys; from sb2.kfp.tasks import run_forwarding_signals\n"
+            f"run_forwarding_signals([sys.executable, '-c', {child!r}], {{}})\n"
+            "print('task done')\n")
+    proc = subprocess.Popen([sys.executable, "-c", task], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert (tmp_path / "got").read_text() == str(int(signal.SIGTERM))
+    assert proc.returncode == 0 and "task done" in out

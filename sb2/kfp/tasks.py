@@ -77,6 +77,26 @@ def copy_student(work_dir: str | Path, student_dir: str | Path, steps: int | Non
     return Path(student_dir) / "student"
 
 
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> None:
+    """Run the training command and pass SIGTERM/SIGINT on to it: Kubernetes signals only the container's main
+    process (this task), and `sb2 train` must see the preemption to checkpoint before the grace period ends."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env)
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
 def train_branch(config: str, scheme: str, prompts_dir: str, work_dir: str, student_dir: str,
                  gpus_per_node: int, env: dict[str, str] | None = None) -> Path:
     """Train one branch into ``work_dir`` (on the PVC; resumed from its newest checkpoint when the task is retried)
@@ -84,5 +104,5 @@ def train_branch(config: str, scheme: str, prompts_dir: str, work_dir: str, stud
     cfg_file = write_train_config(config, prompts_dir, work_dir)
     env = dict(os.environ if env is None else env)
     cmd = accelerate_command(env, gpus_per_node, ["--scheme", scheme, "-c", str(cfg_file), "--out", str(work_dir)])
-    subprocess.run(cmd, check=True, env=env)
+    run_forwarding_signals(cmd, env)
     return copy_student(work_dir, student_dir, steps=yaml.safe_load(cfg_file.read_text())["train"]["steps"])
