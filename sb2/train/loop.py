@@ -1,7 +1,8 @@
 """The training recipe: alternate a student update with LoRA-teacher updates through accelerate, checkpointing so
 that a preempted run resumes exactly where it stopped.
 
-Reads: the config, the models it names and the prompt source. Writes into the run folder: ``student/`` (a diffusers
+Reads: the config, the models it names, the prompt source and, with ``regularization.enabled``, its pair source.
+Writes into the run folder: ``student/`` (a diffusers
 UNet for ``full``, a peft LoRA adapter naming its base for ``lora``), ``lora_teacher/``, ``samples.png``,
 ``logs/metrics.jsonl``, ``train.json`` and ``checkpoints/``.
 """
@@ -26,7 +27,7 @@ from sb2.tracking import Logger, safe_config, stage_logger
 from sb2.train import checkpoint as ckpt
 from sb2.train.data import PromptSampler, read_prompts
 from sb2.train.steps import (Models, Scheme, _adamw, apply_speed_switches, build_models, lora_teacher_loss,
-                             student_step)
+                             regularization_batch, student_step, vae_scale_factor)
 
 PREVIEW_PROMPTS = 8
 
@@ -115,6 +116,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
 
         ema = EMAModel(m.student_params, decay=cfg.ema.decay)
     sampler = PromptSampler(prompts_all, cfg.train.batch_size, cfg.train.seed + rank)
+    reg_feed = None
+    if cfg.regularization.enabled:
+        from sb2.train.paired import RegularizationFeed
+
+        reg_feed = RegularizationFeed(cfg, m.latent_shape, vae_scale_factor(m.vae), rank)
     null_emb = encode_prompts(m.text_encoder, m.tokenizer, [""], device)
     cache = None
     if cfg.train.prompt_embeddings:
@@ -138,6 +144,8 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 ema.load_state_dict(sh["ema"])
             start, skipped_total = int(sh["step"]), int(sh.get("nonfinite_skips", 0))
             sampler.load_state_dict(found.rank["sampler"])
+            if reg_feed is not None and "reg_sampler" in found.rank:
+                reg_feed.load_state_dict(found.rank["reg_sampler"])
             ckpt.restore_rng(found.rank["rng"])
             if main:
                 print(f"resuming from {found.path} (step {start})", file=sys.stderr)
@@ -146,7 +154,10 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         if main:
             ckpt.begin_checkpoint(out_dir, step)
         accelerator.wait_for_everyone()
-        ckpt.write_rank_state(out_dir, step, rank, {"rng": ckpt.capture_rng(), "sampler": sampler.state_dict()})
+        rank_state = {"rng": ckpt.capture_rng(), "sampler": sampler.state_dict()}
+        if reg_feed is not None:
+            rank_state["reg_sampler"] = reg_feed.state_dict()
+        ckpt.write_rank_state(out_dir, step, rank, rank_state)
         accelerator.wait_for_everyone()
         if main:
             shared = {
@@ -178,7 +189,13 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 emb = cache.lookup(prompts).to(device, null_emb.dtype)
             else:
                 emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
-            loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
+            pairs = reg_feed.batch_for(step) if reg_feed is not None else None
+            if pairs is None:
+                loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
+            else:
+                reg = regularization_batch(m, cfg, pairs, device, autocast)
+                loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast, reg=reg)
+                logs["reg/skipped_pairs"] = len(reg_feed.sampler.bad)
             ok = _finite(loss)
             if ok:
                 accelerator.backward(loss)
