@@ -8,7 +8,7 @@ CLIP loss from degrading images (Table 6); every reward term gets the same treat
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -75,12 +75,13 @@ def load_image(file, size: tuple[int, int]) -> torch.Tensor:
             from None
     iw, ih = im.size
     if iw * h > ih * w:  # wider than the target
-        cw = ih * w / h
-        box = ((iw - cw) / 2, 0.0, (iw + cw) / 2, float(ih))
+        cw = round(ih * w / h)
+        box = ((iw - cw) // 2, 0, (iw - cw) // 2 + cw, ih)
     else:
-        ch = iw * h / w
-        box = (0.0, (ih - ch) / 2, float(iw), (ih + ch) / 2)
-    arr = np.asarray(im.resize((w, h), Image.LANCZOS, box=box), dtype=np.float32)
+        ch = round(iw * h / w)
+        box = (0, (ih - ch) // 2, iw, (ih - ch) // 2 + ch)
+    # cropped first: resize(box=...) would let the filter read pixels outside the box
+    arr = np.asarray(im.crop(box).resize((w, h), Image.LANCZOS), dtype=np.float32)
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
@@ -321,8 +322,9 @@ class PairSampler:
     """Endless shuffled batches of a pair source. A pair that fails to load is reported and skipped (remembered, so a
     resumed run skips the same ones) or stops the run; the position and the skipped pairs are training state."""
 
-    def __init__(self, source, batch_size: int, seed: int, policy: BadInputConfig = BadInputConfig()):
-        self.source, self.batch_size, self.seed, self.policy = source, batch_size, seed, policy
+    def __init__(self, source, batch_size: int, seed: int, policy: BadInputConfig | None = None):
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.policy = policy or BadInputConfig()
         self.epoch, self.index, self.bad = 0, 0, set()
         self._order = self._permutation()
 
