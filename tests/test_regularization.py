@@ -115,18 +115,20 @@ def _metrics(run):
 
 
 def test_tiny_training_with_regularization_and_a_reward_in_both_schemes(tiny_cfg, tmp_path):
+    from safetensors.torch import load_file
+
     from sb2.config import RewardConfig
     from sb2.train import checkpoint as ckpt
     from sb2.train.loop import train
 
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.train.steps, cfg.checkpoint.every, cfg.tracking.enabled, cfg.tracking.image_every = 2, 1, False, 0
+    cfg.train.steps, cfg.checkpoint.every, cfg.tracking.enabled, cfg.tracking.image_every = 3, 1, False, 0
     cfg.regularization.enabled, cfg.regularization.share = True, 0.5
     # HPS's form (an open_clip model + checkpoint; here the tiny CLIP without one) in both schemes
     cfg.rewards = [RewardConfig(name="hps", kind="hps", model="tiny:clip", tau=1.0, weight=0.1,
                                 schemes=["full", "lora"])]
-    reg_steps = [s for s in range(2) if is_regularization_step(cfg.train.seed, s, 0.5)]
-    assert reg_steps, "seed 0 must put a regularization batch in the first two steps"
+    reg_steps = [s for s in range(3) if is_regularization_step(cfg.train.seed, s, 0.5)]
+    assert 0 < len(reg_steps) < 3, "seed 0 must mix regularization and plain steps"
     for scheme in ("full", "lora"):
         train(cfg, scheme, tmp_path / scheme, progress=False)
         rows = _metrics(tmp_path / scheme)
@@ -135,4 +137,13 @@ def test_tiny_training_with_regularization_and_a_reward_in_both_schemes(tiny_cfg
         assert all(math.isfinite(r["loss/reward/hps"]) and r["reward/hps/weight"] == 0.1 for r in rows)
         assert ("loss/clip" in rows[-1]) == (scheme == "lora")
         found = ckpt.load_latest_good(tmp_path / scheme)
-        assert found.rank["reg_sampler"]["index"] == 2 * len(reg_steps)  # resumable position of the pair sampler
+        assert found.rank["reg_sampler"]["index"] == 2 * len(reg_steps)  # the pair sampler's position is saved
+
+    # stopped after step 1 and resumed: the same regularization steps, pairs and weights as the unbroken run
+    cut = cfg.model_copy(deep=True)
+    cut.train.steps = 1
+    train(cut, "lora", tmp_path / "resumed", progress=False)
+    train(cfg, "lora", tmp_path / "resumed", progress=False)
+    a = load_file(str(tmp_path / "lora" / "student" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "student" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
