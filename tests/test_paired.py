@@ -5,7 +5,9 @@ pairs that the dmd_pairs option reads back."""
 import io
 import json
 import shutil
+import sys
 import tarfile
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -123,7 +125,7 @@ def test_pair_sampler_resumes_where_it_stopped():
         assert [p.caption for p in a.next_batch()] == [p.caption for p in b.next_batch()]
 
 
-def test_regpairs_writes_teacher_pairs_that_dmd_pairs_reads_back(tiny_cfg, tmp_path):
+def test_regpairs_writes_teacher_pairs_that_dmd_pairs_reads_back(tiny_cfg, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from sb2.cli import app
@@ -144,10 +146,16 @@ def test_regpairs_writes_teacher_pairs_that_dmd_pairs_reads_back(tiny_cfg, tmp_p
     assert manifest["count"] == 3 and [s["rows"] for s in manifest["shards"]] == [2, 1]
     assert manifest["guidance_scale"] == tiny_cfg.vsd.guidance_scale and detect_format(str(out)) == "regpairs"
 
+    # DMD's own form: LPIPS between decoded images; any perceptual net plugs in as package.module:factory
+    perceptual = types.ModuleType("sb2_test_perceptual")
+    perceptual.l1 = lambda: torch.nn.L1Loss(reduction="none")
+    monkeypatch.setitem(sys.modules, "sb2_test_perceptual", perceptual)
     cfg = load_config("tiny", ["regularization.enabled=true", "regularization.kind=dmd_pairs",
-                               f"regularization.source={out}", "regularization.share=1", "regularization.batch_size=3"])
+                               f"regularization.source={out}", "regularization.share=1", "regularization.batch_size=3",
+                               "regularization.distance=lpips", "regularization.perceptual_net=module:sb2_test_perceptual:l1"])
     m = build_models(cfg, "full", "cpu")
-    feed = RegularizationFeed(cfg, m.latent_shape, 8)
+    assert m.tiny_vae is not None  # the decoder of the perceptual distance
+    feed = RegularizationFeed(cfg).fit(m.latent_shape, 8)
     pairs = feed.batch_for(0)
     assert sorted(p.caption for p in pairs) == ["a dragon", "a red fox", "a snowy owl"]
     # the stored noise is pair i's seed, rounded to float16; the target is the teacher's DDIM sample from it
@@ -161,11 +169,23 @@ def test_regpairs_writes_teacher_pairs_that_dmd_pairs_reads_back(tiny_cfg, tmp_p
     torch.testing.assert_close(last.target, x[0].half().float(), rtol=0, atol=0)
 
     reg = regularization_batch(m, cfg, pairs, "cpu", nullcontext)
+    assert reg.target_images.shape == (3, 3, 64, 64)
     loss, _, logs = student_step(m, cfg, emb.expand(2, -1, -1), null, ["a dragon"] * 2, 0, nullcontext, reg=reg)
     loss.backward()
     assert logs["loss/reg"] > 0 and torch.isfinite(loss)
+    assert any(p.grad.abs().sum() > 0 for p in m.student_params)
 
     bad = load_config("tiny", ["regularization.enabled=true", f"regularization.source={SAMPLES / 'reg_pairs'}",
                                "regularization.kind=dmd_pairs"])
     with pytest.raises(PairedInputError, match="needs a folder written by `sb2 regpairs`"):
-        RegularizationFeed(bad, m.latent_shape, 8)
+        RegularizationFeed(bad)
+    with pytest.raises(PairedInputError, match=r"pairs of latents \(4, 8, 8\), the student makes \(4, 16, 16\)"):
+        RegularizationFeed(cfg).fit((4, 16, 16), 8)
+
+
+def test_lpips_without_its_package_is_a_one_line_error(monkeypatch):
+    from sb2.models.loading import ModelLoadError, load_perceptual_net
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # as if not installed
+    with pytest.raises(ModelLoadError, match=r"needs the lpips package \(pip install lpips\)"):
+        load_perceptual_net("lpips:vgg")

@@ -26,6 +26,7 @@ from sb2.student import encode_prompts
 from sb2.tracking import Logger, safe_config, stage_logger
 from sb2.train import checkpoint as ckpt
 from sb2.train.data import PromptSampler, read_prompts
+from sb2.train.paired import RegularizationFeed
 from sb2.train.steps import (Models, Scheme, _adamw, apply_speed_switches, build_models, lora_teacher_loss,
                              regularization_batch, student_step, vae_scale_factor)
 
@@ -103,7 +104,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     prompts_all = read_prompts(cfg.train.prompts)
+    # indexed before the models load: a bad regularization source fails at once
+    reg_feed = RegularizationFeed(cfg, rank) if cfg.regularization.enabled else None
     m = apply_speed_switches(build_models(cfg, scheme, device, weight_dtype), cfg, device)
+    if reg_feed is not None:
+        reg_feed.fit(m.latent_shape, vae_scale_factor(m.vae))
     opt_s = _adamw(m.student_params, cfg.optim.student_lr, cfg, device)
     opt_l = _adamw(m.lora_params, cfg.lora_teacher.lr, cfg, device)
     student, teacher_ddp, opt_s, opt_l = accelerator.prepare(m.student, m.teacher_unet, opt_s, opt_l)
@@ -116,11 +121,6 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
 
         ema = EMAModel(m.student_params, decay=cfg.ema.decay)
     sampler = PromptSampler(prompts_all, cfg.train.batch_size, cfg.train.seed + rank)
-    reg_feed = None
-    if cfg.regularization.enabled:
-        from sb2.train.paired import RegularizationFeed
-
-        reg_feed = RegularizationFeed(cfg, m.latent_shape, vae_scale_factor(m.vae), rank)
     null_emb = encode_prompts(m.text_encoder, m.tokenizer, [""], device)
     cache = None
     if cfg.train.prompt_embeddings:

@@ -86,12 +86,15 @@ def load_image(file, size: tuple[int, int]) -> torch.Tensor:
 
 
 class ImageCaptionSource:
-    """Indexed real pairs; ``load(i)`` decodes the i-th image at the model's resolution."""
+    """Indexed real pairs; ``load(i)`` decodes the i-th image at the model's resolution (``size``, or set by ``fit``)."""
 
     kind = "real"
 
-    def __init__(self, refs: list[PairRef], size: tuple[int, int], name: str):
+    def __init__(self, refs: list[PairRef], size: tuple[int, int] | None, name: str):
         self.refs, self.size, self.name = refs, size, name
+
+    def fit(self, latent_shape: tuple[int, int, int], vae_scale_factor: int) -> None:
+        self.size = (latent_shape[1] * vae_scale_factor, latent_shape[2] * vae_scale_factor)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -292,7 +295,7 @@ def _apply_policy(name: str, total: int, bad: list[str], policy: BadInputConfig,
                                f"regularization.bad_input.max_bad_fraction={policy.max_bad_fraction}; first: {bad[0]}")
 
 
-def open_image_captions(rc: RegularizationConfig, size: tuple[int, int]) -> ImageCaptionSource:
+def open_image_captions(rc: RegularizationConfig, size: tuple[int, int] | None = None) -> ImageCaptionSource:
     """Index the real pairs that ``regularization.source`` names (``size``: the model's image height and width)."""
     source = rc.source or ""
     fmt = detect_format(source, rc.format)
@@ -365,7 +368,7 @@ class PairSampler:
         self._order = self._permutation()
 
 
-def open_pair_source(rc: RegularizationConfig, latent_shape: tuple[int, int, int], vae_scale_factor: int):
+def open_pair_source(rc: RegularizationConfig):
     """The source ``regularization`` names, checked against its kind: real pairs, or the teacher's stored pairs."""
     fmt = detect_format(rc.source or "", rc.format)
     if rc.kind == "dmd_pairs":
@@ -374,21 +377,28 @@ def open_pair_source(rc: RegularizationConfig, latent_shape: tuple[int, int, int
                                    f"{rc.source!r} ({fmt})")
         from sb2.train.regpairs import TeacherPairSource
 
-        return TeacherPairSource(rc.source, latent_shape)
-    _, h, w = latent_shape
-    return open_image_captions(rc, (h * vae_scale_factor, w * vae_scale_factor))
+        return TeacherPairSource(rc.source)
+    return open_image_captions(rc)
 
 
 class RegularizationFeed:
     """Which steps carry a regularization batch (a seeded draw per step, the same on every process) and the batches
-    (each process draws its own pairs, as each draws its own prompts)."""
+    (each process draws its own pairs, as each draws its own prompts).
 
-    def __init__(self, cfg: Config, latent_shape: tuple[int, int, int], vae_scale_factor: int, rank: int = 0):
+    The source is indexed when the feed is made, before the models load, so that a bad source fails at once;
+    ``fit`` then gives it the student's latent shape (the image resolution, or the shape stored pairs must have).
+    """
+
+    def __init__(self, cfg: Config, rank: int = 0):
         rc = cfg.regularization
         self.seed, self.share = cfg.train.seed, rc.share
-        self.source = open_pair_source(rc, latent_shape, vae_scale_factor)
+        self.source = open_pair_source(rc)
         self.sampler = PairSampler(self.source, rc.batch_size or cfg.train.batch_size, cfg.train.seed + rank,
                                    rc.bad_input)
+
+    def fit(self, latent_shape: tuple[int, int, int], vae_scale_factor: int) -> "RegularizationFeed":
+        self.source.fit(latent_shape, vae_scale_factor)
+        return self
 
     def batch_for(self, step: int) -> list | None:
         return self.sampler.next_batch() if is_regularization_step(self.seed, step, self.share) else None

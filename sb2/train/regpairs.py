@@ -105,7 +105,7 @@ class TeacherPairSource:
 
     kind = "dmd_pairs"
 
-    def __init__(self, folder: str | Path, latent_shape: tuple[int, int, int] | None = None):
+    def __init__(self, folder: str | Path):
         from safetensors import safe_open
 
         self.folder = Path(folder)
@@ -116,9 +116,6 @@ class TeacherPairSource:
             raise PairedInputError(f"{self.folder / MANIFEST}: not a readable pairs manifest ({e})") from None
         if manifest.get("format") != FORMAT:
             raise PairedInputError(f"{self.folder}: not a folder written by `sb2 regpairs`")
-        if latent_shape is not None and tuple(manifest["latent_shape"]) != tuple(latent_shape):
-            raise PairedInputError(f"{self.folder}: pairs of latents {tuple(manifest['latent_shape'])}, the student "
-                                   f"makes {tuple(latent_shape)}")
         self.manifest = manifest
         self._rows: list[tuple[str, int]] = []
         self._captions: list[str] = []
@@ -135,6 +132,12 @@ class TeacherPairSource:
             self._captions.extend(prompts)
         if not self._rows:
             raise PairedInputError(f"{self.folder}: holds no pairs")
+
+    def fit(self, latent_shape: tuple[int, int, int], vae_scale_factor: int) -> None:
+        """Stored pairs must have the student's latent shape (they are its input and output)."""
+        if tuple(self.manifest["latent_shape"]) != tuple(latent_shape):
+            raise PairedInputError(f"{self.folder}: pairs of latents {tuple(self.manifest['latent_shape'])}, the "
+                                   f"student makes {tuple(latent_shape)}")
 
     def __len__(self) -> int:
         return len(self._rows)
