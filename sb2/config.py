@@ -116,8 +116,9 @@ class RewardConfig(_Strict):
     # hps: the same with HPSv2's open_clip model and checkpoint (reward = HPS's cosine, about 0.27 for SD2.1 images);
     # module: ``model`` = "package.module:factory" returning a callable (images in [-1, 1], prompts) → rewards (B,).
     kind: Literal["clip", "hps", "module"]
-    model: str | None = None
-    # hps: the fine-tuned weights of both towers (a local path, or a URL fetched once to the cache).
+    model: str | None = None  # hps: ViT-H-14 unless given
+    # Fine-tuned weights of both towers (a local path, or a URL fetched once to the cache); hps: HPS_v2_compressed.pt
+    # unless given (null: the model's own weights, as evaluate.hps.checkpoint).
     checkpoint: str | None = None
     tau: float
     clamp: bool = True
@@ -127,19 +128,18 @@ class RewardConfig(_Strict):
     # The paper adds HPS to the resource-efficient (LoRA) branch only, like the CLIP loss.
     schemes: list[Literal["full", "lora"]] = ["lora"]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hps_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "hps":
+            data = {"model": "ViT-H-14", "checkpoint": HPS_CHECKPOINT, **data}
+        return data
+
     @model_validator(mode="after")
     def _model(self) -> "RewardConfig":
         if self.kind == "module" and not self.model:
             raise ValueError("a module reward needs model: package.module:factory")
         return self
-
-    @property
-    def model_id(self) -> str | None:
-        return self.model or ("ViT-H-14" if self.kind == "hps" else None)
-
-    @property
-    def checkpoint_file(self) -> str | None:
-        return self.checkpoint or (HPS_CHECKPOINT if self.kind == "hps" and not self.model else None)
 
 
 class RegPairsConfig(_Strict):

@@ -125,7 +125,7 @@ def test_tiny_training_with_regularization_and_a_reward_in_both_schemes(tiny_cfg
     cfg.train.steps, cfg.checkpoint.every, cfg.tracking.enabled, cfg.tracking.image_every = 3, 1, False, 0
     cfg.regularization.enabled, cfg.regularization.share = True, 0.5
     # HPS's form (an open_clip model + checkpoint; here the tiny CLIP without one) in both schemes
-    cfg.rewards = [RewardConfig(name="hps", kind="hps", model="tiny:clip", tau=1.0, weight=0.1,
+    cfg.rewards = [RewardConfig(name="hps", kind="hps", model="tiny:clip", checkpoint=None, tau=1.0, weight=0.1,
                                 schemes=["full", "lora"])]
     reg_steps = [s for s in range(3) if is_regularization_step(cfg.train.seed, s, 0.5)]
     assert 0 < len(reg_steps) < 3, "seed 0 must mix regularization and plain steps"

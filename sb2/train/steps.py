@@ -21,6 +21,7 @@ from sb2.distill.vsd import add_noise, diffusion_loss, guided, sample_timesteps,
 from sb2.models.loading import load_clip, load_perceptual_net, load_teacher, load_tiny_vae, load_unet
 from sb2.models.lora import add_lora
 from sb2.student import decode, encode_prompts, latent_shape, student_x0
+from sb2.train.paired import RealPair
 
 Scheme = Literal["full", "lora"]
 
@@ -119,7 +120,7 @@ def build_rewards(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float3
         if r.kind == "module":
             scorer = ModuleReward(import_factory(r.model)())
         else:
-            clip = load_clip_with_checkpoint(r.model_id or cfg.models.clip, device, r.checkpoint_file,
+            clip = load_clip_with_checkpoint(r.model or cfg.models.clip, device, r.checkpoint,
                                              cfg.models.local_files_only)
             clip.model.to(weight_dtype)
             scorer = ClipReward(clip)
@@ -265,7 +266,7 @@ def regularization_batch(m: Models, cfg: Config, pairs: list, device, autocast) 
     timestep; teacher pairs (``sb2 regpairs``): the stored noise and teacher output. The captions are encoded here,
     not looked up (they are not in the prompt set)."""
     emb = encode_prompts(m.text_encoder, m.tokenizer, [p.caption for p in pairs], device)
-    if hasattr(pairs[0], "image"):
+    if isinstance(pairs[0], RealPair):
         pixels = torch.stack([p.image for p in pairs]).to(device, m.vae.dtype)
         with autocast():
             target = m.vae.encode(pixels).latent_dist.mode().float() * m.vae.config.scaling_factor
