@@ -299,7 +299,7 @@ def open_image_captions(rc: RegularizationConfig, size: tuple[int, int] | None =
     """Index the real pairs that ``regularization.source`` names (``size``: the model's image height and width)."""
     source = rc.source or ""
     fmt = detect_format(source, rc.format)
-    if fmt != "webdataset" and not Path(source).exists():
+    if not glob.has_magic(source) and not Path(source).exists():
         raise PairedInputError(f"regularization source {source!r} does not exist")
     ix = _Index(rc.max_records)
     if fmt == "folder":
