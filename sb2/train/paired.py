@@ -28,6 +28,7 @@ import torch
 from sb2.config import BadInputConfig, Config, RegularizationConfig
 from sb2.distill.regularization import is_regularization_step
 from sb2.prompts.sources import filter_value
+from sb2.train.data import PromptSampler
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _SHOWN_BAD = 5
@@ -321,19 +322,14 @@ def open_image_captions(rc: RegularizationConfig, size: tuple[int, int] | None =
     return ImageCaptionSource(ix.refs, size, source)
 
 
-class PairSampler:
-    """Endless shuffled batches of a pair source. A pair that fails to load is reported and skipped (remembered, so a
-    resumed run skips the same ones) or stops the run; the position and the skipped pairs are training state."""
+class PairSampler(PromptSampler):
+    """Endless shuffled batches of a pair source, shuffled as the prompts are. A pair that fails to load is reported
+    and skipped (remembered, so a resumed run skips the same ones) or stops the run; the position and the skipped
+    pairs are training state."""
 
     def __init__(self, source, batch_size: int, seed: int, policy: BadInputConfig | None = None):
-        self.source, self.batch_size, self.seed = source, batch_size, seed
-        self.policy = policy or BadInputConfig()
-        self.epoch, self.index, self.bad = 0, 0, set()
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.source), generator=g).tolist()
+        super().__init__(source, batch_size, seed)
+        self.source, self.policy, self.bad = source, policy or BadInputConfig(), set()
 
     def next_batch(self) -> list:
         batch = []
@@ -360,12 +356,11 @@ class PairSampler:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "bad": sorted(self.bad)}
+        return {**super().state_dict(), "bad": sorted(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        super().load_state_dict(state)
         self.bad = {int(i) for i in state.get("bad", [])}
-        self._order = self._permutation()
 
 
 def open_pair_source(rc: RegularizationConfig):
