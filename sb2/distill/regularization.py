@@ -11,7 +11,7 @@ LAION-Aesthetics 6.25+ pairs, about 5% of the training data. The paper gives no 
   input; the input still has the distribution the student sees at inference (unit variance, nearly all noise), so
   nothing new is asked of the network. This is the x0-prediction diffusion loss at t = T': its minimizer is
   E[z | x_T', y], which pulls the student's outputs toward real images without fixing which noise makes which image.
-- ``dmd_pairs`` (DMD's own form, Yin et al. 2024, eq. 7). Noise z and the teacher's deterministic sampler output
+- ``dmd_pairs`` (DMD's own form, Yin et al. 2024). Noise z and the teacher's deterministic sampler output
   x_teacher = ODE(z, y) are stored once (``sb2 regpairs``); the student's x̂0 = f_θ(z, y) is regressed to x_teacher.
   The pairing is the teacher's own map, so again not arbitrary; it ties the student to the teacher's modes.
 

@@ -1,6 +1,6 @@
 """DMD's regression pairs (``sb2 regpairs``): noise z and the teacher's deterministic sampler output for it, stored once
-so that ``regularization.kind=dmd_pairs`` can regress the student's one-step x̂0 = f_θ(z, y) to them (Yin et al. 2024,
-eq. 7; sb2/distill/regularization.py).
+so that ``regularization.kind=dmd_pairs`` can regress the student's one-step x̂0 = f_θ(z, y) to them (DMD, Yin et al.
+2024; sb2/distill/regularization.py).
 
 Reads: the teacher (``models.teacher``: its UNet, text encoder, VAE-latent shape and noise schedule) and prompts (a text
 file, or a Parquet/CSV file or folder with a ``prompt`` column, as ``train.prompts``). The sampler is DDIM with
