@@ -40,6 +40,25 @@ def train(
 
 @app.command()
 @_user_errors
+def regpairs(
+    prompts: Annotated[Path, typer.Option(help="Prompts: a text file (one a line), or Parquet/CSV with a prompt column.")],
+    out: Out,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="Only the first N prompts.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    profile: Profile = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+):
+    """Generate DMD's regression pairs with the teacher (DDIM, regularization.pairs) for regularization.kind=dmd_pairs."""
+    from sb2.train.regpairs import generate_regpairs
+
+    rec = generate_regpairs(_cfg(profile, config, set_), prompts, out, limit=num, device=device)
+    typer.echo(f"{rec['count']} noise–teacher pairs ({rec['steps']} DDIM steps, cfg {rec['guidance_scale']}) "
+               f"written to {out}")
+
+
+@app.command()
+@_user_errors
 def merge(
     a: Annotated[Path, typer.Argument(help="Student A (e.g. the full branch).")],
     b: Annotated[Path, typer.Argument(help="Student B (e.g. the lora branch; its LoRA is folded first).")],

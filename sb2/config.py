@@ -101,6 +101,109 @@ class ClipLossConfig(_Strict):
     end_weight: float = Field(0.0, ge=0.0)
 
 
+class BadInputConfig(_Strict):
+    # skip: report and count each bad record, stop only when a file has more than max_bad_fraction of them.
+    on_error: Literal["skip", "stop"] = "skip"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class RewardConfig(_Strict):
+    """An auxiliary reward term max(0, τ − r(D(x̂0), y)) with its own weight and schedule (paper 8.1: HPSv2 added "similar
+    to the CLIP loss"); the clamped CLIP loss is the instance ``kind: clip``. Logged as ``loss/reward/<name>``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # clip: an open_clip model (``model``, default models.clip), reward = cosine of image and prompt embeddings;
+    # hps: the same with HPSv2's open_clip model and checkpoint (reward = HPS's cosine, about 0.27 for SD2.1 images);
+    # module: ``model`` = "package.module:factory" returning a callable (images in [-1, 1], prompts) → rewards (B,).
+    kind: Literal["clip", "hps", "module"]
+    model: str | None = None  # hps: ViT-H-14 unless given
+    # Fine-tuned weights of both towers (a local path, or a URL fetched once to the cache); hps: HPS_v2_compressed.pt
+    # unless given (null: the model's own weights, as evaluate.hps.checkpoint).
+    checkpoint: str | None = None
+    tau: float
+    clamp: bool = True
+    weight: float = Field(ge=0.0)
+    schedule: Literal["linear", "cosine", "constant"] = "constant"
+    end_weight: float = Field(0.0, ge=0.0)
+    # The paper adds HPS to the resource-efficient (LoRA) branch only, like the CLIP loss.
+    schemes: list[Literal["full", "lora"]] = ["lora"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hps_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "hps":
+            data = {"model": "ViT-H-14", "checkpoint": HPS_CHECKPOINT, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _model(self) -> "RewardConfig":
+        if self.kind == "module" and not self.model:
+            raise ValueError("a module reward needs model: package.module:factory")
+        return self
+
+
+class RegPairsConfig(_Strict):
+    """``sb2 regpairs``: DMD's noise–image pairs, the teacher's deterministic (DDIM) sampler run from stored noise."""
+
+    steps: int = Field(50, ge=1)
+    # null: the teacher's guidance scale of the VSD term (vsd.guidance_scale, 4.5).
+    guidance_scale: float | None = Field(None, ge=0.0)
+    seed: int = 0  # pair i starts from the noise of seed + i
+    batch_size: int = Field(8, ge=1)
+    shard_rows: int = Field(1024, ge=1)
+    # float16 halves the disk (200K SD2.1 pairs: 13 GB); the noise is rounded before the teacher sees it, so every
+    # stored pair is exact.
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class RegularizationConfig(_Strict):
+    """Image regularization on a little real data (paper 5.1 and Tables 3, 5, "Ours*": DMD's regression [54] on 200K
+    LAION-Aesthetics 6.25+ pairs, about 5% of the training data). See sb2/distill/regularization.py."""
+
+    enabled: bool = False
+    # real: the student's x̂0 for a real latent noised to its input timestep, regressed to that latent;
+    # dmd_pairs: the student's x̂0 from stored noise regressed to the teacher's output for it (``sb2 regpairs``).
+    kind: Literal["real", "dmd_pairs"] = "real"
+    # A folder of images with same-name .txt captions, a CSV/TSV/Parquet manifest (path and caption columns, paths
+    # relative to it), WebDataset .tar shards (a file, a folder or a glob), or a folder written by `sb2 regpairs`.
+    source: str | None = None
+    format: Literal["auto", "folder", "csv", "tsv", "parquet", "webdataset", "regpairs"] = "auto"
+    caption_field: str = "caption"
+    path_field: str = "path"
+    # As the prompt builder: keep pairs whose numeric filter_column >= filter_min (manifests and .json of shards).
+    filter_column: str | None = None
+    filter_min: float | None = None
+    max_records: int | None = Field(None, ge=1)
+    # Share of training steps that carry a regularization batch (decided per step from the seed, so a resume
+    # repeats it); with batch_size = train.batch_size, 0.05 puts about 5% of the samples on real data.
+    share: float = Field(0.05, ge=0.0, le=1.0)
+    batch_size: int | None = Field(None, ge=1)  # null: train.batch_size
+    weight: float = Field(0.25, ge=0.0)  # DMD's λ_reg
+    schedule: Literal["linear", "cosine", "constant"] = "constant"
+    end_weight: float = Field(0.0, ge=0.0)
+    # latent_mse: mean squared error of latents; lpips: a perceptual distance of decoded images (DMD's choice).
+    distance: Literal["latent_mse", "lpips"] = "latent_mse"
+    # lpips:<alex|vgg|squeeze> (the lpips package, fetched separately) or module:package.module:factory (an nn.Module
+    # (images, images) in [-1, 1] → distance per sample).
+    perceptual_net: str = "lpips:vgg"
+    decoder: Literal["tiny_vae", "vae"] = "tiny_vae"
+    bad_input: BadInputConfig = BadInputConfig()
+    pairs: RegPairsConfig = RegPairsConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RegularizationConfig":
+        if self.enabled and not self.source:
+            raise ValueError("enabled without a source (a folder, manifest, .tar shards or `sb2 regpairs` folder)")
+        if (self.filter_column is None) != (self.filter_min is None):
+            raise ValueError("filter_column and filter_min go together")
+        if self.filter_column is not None and self.format in ("folder", "regpairs"):
+            raise ValueError(f"a {self.format} source has no columns to filter on")
+        if not (self.perceptual_net.startswith("module:") or
+                self.perceptual_net in ("lpips:alex", "lpips:vgg", "lpips:squeeze")):
+            raise ValueError("perceptual_net must be lpips:alex, lpips:vgg, lpips:squeeze or module:package.module:factory")
+        return self
+
+
 class OptimConfig(_Strict):
     student_lr: float = Field(1e-6, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -353,12 +456,6 @@ class PromptDedupConfig(_Strict):
         return self
 
 
-class BadInputConfig(_Strict):
-    # skip: report and count each bad record, stop only when a file has more than max_bad_fraction of them.
-    on_error: Literal["skip", "stop"] = "skip"
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-
-
 class PromptEmbeddingsConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
@@ -403,6 +500,8 @@ class Config(_Strict):
     lora_teacher: LoraTeacherConfig = LoraTeacherConfig()
     student_lora: StudentLoraConfig = StudentLoraConfig()
     clip_loss: ClipLossConfig = ClipLossConfig()
+    rewards: list[RewardConfig] = []
+    regularization: RegularizationConfig = RegularizationConfig()
     optim: OptimConfig = OptimConfig()
     ema: EMAConfig = EMAConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -412,6 +511,14 @@ class Config(_Strict):
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvalConfig = EvalConfig()
     prompts: PromptsConfig = PromptsConfig()
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_rewards(cls, v: list[RewardConfig]) -> list[RewardConfig]:
+        names = [r.name for r in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique: {names}")
+        return v
 
     @field_validator("profile")
     @classmethod

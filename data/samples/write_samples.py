@@ -4,6 +4,9 @@ They imitate the real formats, not the real data: every prompt here was written 
 purpose what the prompt builder must handle: Midjourney parameters and weights, URLs, HTML entities and tags,
 full-width and zero-width characters, exact and near duplicates within and across sources, an over-long prompt,
 captions below the aesthetic threshold, a null caption and a mostly numeric one.
+
+``reg_pairs/`` holds a few drawn image–caption pairs for the image regularization (a folder source), and
+``reg_manifest.csv`` lists them with an aesthetic score, one below 6.25 (a manifest source with the numeric filter).
 """
 
 from __future__ import annotations
@@ -67,6 +70,33 @@ USER = [
 ]
 
 
+REG_PAIRS = [
+    ("red_circle", "a red circle on a blue background", ((200, 30, 30), (30, 60, 200), "ellipse"), 6.8),
+    ("yellow_square", "a yellow square on a green background", ((230, 210, 40), (40, 150, 60), "rectangle"), 6.5),
+    ("white_disc", "a white disc on a black background", ((245, 245, 245), (10, 10, 10), "ellipse"), 7.0),
+    ("orange_box", "an orange box on a grey background", ((240, 140, 20), (128, 128, 128), "rectangle"), 5.9),
+    ("purple_circle", "a purple circle on a pink background", ((120, 40, 160), (250, 180, 200), "ellipse"), 6.25),
+    ("blue_square", "a blue square on a white background", ((30, 60, 200), (250, 250, 250), "rectangle"), 6.3),
+]
+
+
+def write_reg_pairs() -> None:
+    from PIL import Image, ImageDraw
+
+    folder = HERE / "reg_pairs"
+    folder.mkdir(exist_ok=True)
+    for i, (name, caption, (fg, bg, shape), _) in enumerate(REG_PAIRS):
+        w, h = 48 + 8 * (i % 3), 40 + 4 * (i % 2)  # not square: the loader crops the center
+        im = Image.new("RGB", (w, h), bg)
+        getattr(ImageDraw.Draw(im), shape)((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=fg)
+        im.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
+    with open(HERE / "reg_manifest.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption", "AESTHETIC_SCORE"])
+        w.writerows((f"reg_pairs/{name}.png", caption, score) for name, caption, _, score in REG_PAIRS)
+
+
 def main() -> None:
     with open(HERE / "journeydb_sample.jsonl", "w", encoding="utf-8") as f:
         for i, prompt in enumerate(JOURNEYDB):
@@ -90,6 +120,7 @@ def main() -> None:
         w = csv.writer(f)
         w.writerow(["id", "prompt", "notes"])
         w.writerows(USER)
+    write_reg_pairs()
 
 
 if __name__ == "__main__":

@@ -172,6 +172,12 @@ def build_clip_judge(source: str, device, dtype=torch.float32, checkpoint: str |
     (uint8 images) and ``encode_text`` (captions)."""
     if source.startswith("module:"):
         return import_factory(source.removeprefix("module:"))()
+    return OpenClipJudge(load_clip_with_checkpoint(source, device, checkpoint, local_only), device, dtype)
+
+
+def load_clip_with_checkpoint(source: str, device, checkpoint: str | None = None, local_only: bool = False):
+    """An open_clip model (:class:`sb2.models.loading.ClipScorer`) with an optional full state-dict checkpoint loaded
+    over both towers (HPSv2's ``HPS_v2_compressed.pt``): the HPS judge of the evaluation and the HPS reward."""
     from sb2.models.loading import load_clip
 
     scorer = load_clip(source, device=device)
@@ -181,4 +187,4 @@ def build_clip_judge(source: str, device, dtype=torch.float32, checkpoint: str |
             scorer.model.load_state_dict(state.get("state_dict", state))
         except RuntimeError as e:
             raise ModelLoadError(f"checkpoint {checkpoint!r} does not fit {source!r}: {str(e).splitlines()[0]}") from e
-    return OpenClipJudge(scorer, device, dtype)
+    return scorer

@@ -226,6 +226,27 @@ def load_clip(model_id: str, device="cpu", dtype=None) -> ClipScorer:
     return ClipScorer(model.eval().requires_grad_(False), tokenizer, size, mean, std)
 
 
+def load_perceptual_net(spec: str, device="cpu"):
+    """A perceptual distance between images in [-1, 1], one value per sample: LPIPS (``lpips:alex|vgg|squeeze``, from
+    the ``lpips`` package, which fetches its torchvision backbone once) or ``module:package.module:factory`` returning
+    an ``nn.Module`` (images, images) → distances."""
+    import torch
+
+    if spec.startswith("module:"):
+        from sb2.evaluation.features import import_factory
+
+        net = import_factory(spec.removeprefix("module:"))()
+    else:
+        try:
+            import lpips
+        except ImportError:
+            raise ModelLoadError(f"perceptual net {spec!r} needs the lpips package (pip install lpips)") from None
+        net = lpips.LPIPS(net=spec.split(":", 1)[1], verbose=False)
+    if not isinstance(net, torch.nn.Module):
+        raise ModelLoadError(f"perceptual net {spec!r} is not an nn.Module")
+    return net.to(device).eval().requires_grad_(False)
+
+
 def load_one_step_unet(path: str | Path, models_cfg=None, dtype=None, device="cpu"):
     """A trained one-step student as a plain UNet: a UNet folder, a pipeline folder, or a LoRA adapter folder
     (``sb2_lora.json`` naming its base), whose LoRA is folded into the base weights."""

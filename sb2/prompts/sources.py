@@ -91,7 +91,9 @@ def _open_streams(path: Path) -> Iterator[tuple[str, BinaryIO]]:
         yield str(path), f
 
 
-def _filter_value(value, column: str) -> float:
+def filter_value(value, column: str) -> float:
+    """The number in a record's filter column (a number or numeric text); ValueError naming the column otherwise.
+    Shared with the image–caption sources of the regularization (sb2/train/paired.py)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{column!r} is {type(value).__name__}, not a number")
     try:
@@ -169,7 +171,7 @@ def _json_record(rec, display, lineno, fld, col, low, ck: _Chunker) -> FileChunk
         if rec.get(col) is None:
             return ck.bad(where, f"no field {col!r}")
         try:
-            if _filter_value(rec[col], col) < low:
+            if filter_value(rec[col], col) < low:
                 return ck.filtered()
         except ValueError as e:
             return ck.bad(where, str(e))
@@ -235,7 +237,7 @@ def _csv(stream, display: str, src: PromptSourceConfig, ck: _Chunker) -> Iterato
                 out = ck.bad(where, "invalid UTF-8")
             elif j is not None:
                 try:
-                    out = ck.filtered() if _filter_value(row[j], col) < src.filter_min else ck.text(row[i])
+                    out = ck.filtered() if filter_value(row[j], col) < src.filter_min else ck.text(row[i])
                 except ValueError as e:
                     out = ck.bad(where, str(e))
             else:

@@ -1,7 +1,8 @@
 """The training recipe: alternate a student update with LoRA-teacher updates through accelerate, checkpointing so
 that a preempted run resumes exactly where it stopped.
 
-Reads: the config, the models it names and the prompt source. Writes into the run folder: ``student/`` (a diffusers
+Reads: the config, the models it names, the prompt source and, with ``regularization.enabled``, its pair source.
+Writes into the run folder: ``student/`` (a diffusers
 UNet for ``full``, a peft LoRA adapter naming its base for ``lora``), ``lora_teacher/``, ``samples.png``,
 ``logs/metrics.jsonl``, ``train.json`` and ``checkpoints/``.
 """
@@ -28,8 +29,9 @@ from sb2.student import encode_prompts
 from sb2.tracking import Logger, safe_config, stage_logger
 from sb2.train import checkpoint as ckpt
 from sb2.train.data import PromptSampler, read_prompts
+from sb2.train.paired import RegularizationFeed
 from sb2.train.steps import (Models, Scheme, _adamw, apply_speed_switches, build_models, lora_teacher_loss,
-                             student_step)
+                             regularization_batch, student_step, vae_scale_factor)
 
 PREVIEW_PROMPTS = 8
 
@@ -226,8 +228,12 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     prompts_all = read_prompts(cfg.train.prompts)
+    # indexed before the models load: a bad regularization source fails at once
+    reg_feed = RegularizationFeed(cfg, rank) if cfg.regularization.enabled else None
     with accelerator.main_process_first():  # one process fills the model cache (downloads, the tiny world) at a time
         m = apply_speed_switches(build_models(cfg, scheme, device, weight_dtype), cfg, device)
+    if reg_feed is not None:
+        reg_feed.fit(m.latent_shape, vae_scale_factor(m.vae))
     opt_s = _adamw(m.student_params, cfg.optim.student_lr, cfg, device)
     opt_l = _adamw(m.lora_params, cfg.lora_teacher.lr, cfg, device)
     student, teacher_ddp, opt_s, opt_l = accelerator.prepare(m.student, m.teacher_unet, opt_s, opt_l)
@@ -263,6 +269,8 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         start, skipped_total = int(sh["step"]), int(sh.get("nonfinite_skips", 0))
         if found.rank is not None:
             sampler.load_state_dict(found.rank["sampler"])
+            if reg_feed is not None and "reg_sampler" in found.rank:
+                reg_feed.load_state_dict(found.rank["reg_sampler"])
             ckpt.restore_rng(found.rank["rng"])
         else:  # a process the checkpoint has no state for (checkpoint.world_size_change=resume): fresh streams
             import numpy as np
@@ -277,7 +285,10 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         if main:
             ckpt.begin_checkpoint(out_dir, step)
         accelerator.wait_for_everyone()
-        ckpt.write_rank_state(out_dir, step, rank, {"rng": ckpt.capture_rng(), "sampler": sampler.state_dict()})
+        rank_state = {"rng": ckpt.capture_rng(), "sampler": sampler.state_dict()}
+        if reg_feed is not None:
+            rank_state["reg_sampler"] = reg_feed.state_dict()
+        ckpt.write_rank_state(out_dir, step, rank, rank_state)
         accelerator.wait_for_everyone()
         if main:
             shared = {
@@ -318,7 +329,13 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 emb = cache.lookup(prompts).to(device, null_emb.dtype)
             else:
                 emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
-            loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
+            pairs = reg_feed.batch_for(step) if reg_feed is not None else None
+            if pairs is None:
+                loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
+            else:
+                reg = regularization_batch(m, cfg, pairs, device, autocast)
+                loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast, reg=reg)
+                logs["reg/skipped_pairs"] = len(reg_feed.sampler.bad)
             ok = not _anywhere(accelerator, not _finite(loss))
             if ok:
                 accelerator.backward(loss)
@@ -355,6 +372,8 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 if consecutive >= cfg.train.max_consecutive_nonfinite:
                     kept = ("No checkpoint was written yet" if last_saved is None else
                             f"The last good checkpoint (step {last_saved}) is kept in {out_dir / ckpt.CKPT_DIR}")
+                    if own_logger and logger is not None:  # an MLflow run left open would capture the next stage's
+                        logger.close()
                     raise TrainingDiverged(
                         f"{consecutive} consecutive non-finite steps at step {step + 1}; stopped. {kept}; lower the "
                         f"learning rate or check the inputs, then run again to resume from it.")

@@ -1,5 +1,6 @@
 """One training iteration's pieces: the models a step touches, the student's loss (VSD, plus the clamped CLIP loss
-in the lora scheme) and the LoRA teacher's diffusion loss on detached student samples.
+in the lora scheme, any reward terms, and on some steps the image regularization) and the LoRA teacher's diffusion
+loss on detached student samples.
 
 The math lives in :mod:`sb2.distill`; this module only composes it (SwiftBrush's step, paper 3 and 4.2–4.4).
 """
@@ -13,13 +14,40 @@ from typing import Literal
 import torch
 
 from sb2.config import Config
-from sb2.distill.clip_loss import clamped_clip_loss, clip_preprocess, cosine, scheduled_weight
+from sb2.distill.clip_loss import scheduled_weight
+from sb2.distill.regularization import latent_regression_loss, perceptual_regression_loss, student_input_for_real
+from sb2.distill.reward import ClipReward, ModuleReward, RewardScorer, clamped_reward_loss
 from sb2.distill.vsd import add_noise, diffusion_loss, guided, sample_timesteps, vsd_loss, vsd_weight
-from sb2.models.loading import load_clip, load_teacher, load_tiny_vae, load_unet
+from sb2.models.loading import load_clip, load_perceptual_net, load_teacher, load_tiny_vae, load_unet
 from sb2.models.lora import add_lora
-from sb2.student import decode, latent_shape, student_x0
+from sb2.student import decode, encode_prompts, latent_shape, student_x0
+from sb2.train.paired import RealPair
 
 Scheme = Literal["full", "lora"]
+
+
+@dataclass
+class RewardTerm:
+    """One reward term of the student's loss: the clamped CLIP loss (``clip_loss``, ``index`` None) or
+    ``rewards[index]``; its τ, weight and schedule are read from the config at each step."""
+
+    name: str
+    scorer: RewardScorer
+    index: int | None = None
+
+    def settings(self, cfg: Config):
+        return cfg.clip_loss if self.index is None else cfg.rewards[self.index]
+
+
+@dataclass
+class RegBatch:
+    """A regularization batch as the student sees it: its input at the student timestep, the captions' embeddings,
+    the latents it is regressed to and, for a perceptual distance, those latents decoded."""
+
+    x_in: torch.Tensor
+    emb: torch.Tensor
+    target: torch.Tensor
+    target_images: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,6 +65,8 @@ class Models:
     num_train_timesteps: int
     tiny_vae: torch.nn.Module | None = None
     clip: object | None = None
+    rewards: list[RewardTerm] = field(default_factory=list)
+    perceptual_net: torch.nn.Module | None = None
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -68,7 +98,38 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
     if scheme == "lora" and cfg.clip_loss.enabled:
         m.tiny_vae = load_tiny_vae(cfg.models.tiny_vae, cfg.models, weight_dtype, device)
         m.clip = load_clip(cfg.models.clip, device=device, dtype=weight_dtype)
+        m.rewards.append(RewardTerm("clip", ClipReward(m.clip)))
+    m.rewards += build_rewards(cfg, scheme, device, weight_dtype)
+    rc = cfg.regularization
+    perceptual = rc.enabled and rc.distance == "lpips"
+    if perceptual:
+        m.perceptual_net = load_perceptual_net(rc.perceptual_net, device)
+    if m.tiny_vae is None and (m.rewards or (perceptual and rc.decoder == "tiny_vae")):
+        m.tiny_vae = load_tiny_vae(cfg.models.tiny_vae, cfg.models, weight_dtype, device)
     return m
+
+
+def build_rewards(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32) -> list[RewardTerm]:
+    """The terms of ``rewards`` that apply to this scheme, each with its scorer loaded (frozen)."""
+    from sb2.evaluation.features import import_factory, load_clip_with_checkpoint
+
+    terms = []
+    for i, r in enumerate(cfg.rewards):
+        if scheme not in r.schemes:
+            continue
+        if r.kind == "module":
+            scorer = ModuleReward(import_factory(r.model)())
+        else:
+            clip = load_clip_with_checkpoint(r.model or cfg.models.clip, device, r.checkpoint,
+                                             cfg.models.local_files_only)
+            clip.model.to(weight_dtype)
+            scorer = ClipReward(clip)
+        terms.append(RewardTerm(r.name, scorer, i))
+    return terms
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def apply_speed_switches(m: Models, cfg: Config, device) -> Models:
@@ -161,14 +222,20 @@ def teacher_predictions(teacher, x_t, t, emb, null_emb, cfg: Config) -> tuple[to
 
 
 def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tensor, prompts: list[str], step: int,
-                 autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Loss of one student update and the detached x̂0 the LoRA teacher learns from."""
+                 autocast, reg: RegBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Loss of one student update and the detached x̂0 the LoRA teacher learns from.
+
+    With a regularization batch the student runs once on both batches (one forward and one backward under DDP and
+    gradient checkpointing); only the prompt batch's x̂0 feeds VSD, the rewards and the LoRA teacher.
+    """
     b = emb.shape[0]
     device = emb.device
     z = torch.randn((b, *m.latent_shape), device=device)
+    x_in, text = (z, emb) if reg is None else (torch.cat([z, reg.x_in.to(z.dtype)]), torch.cat([emb, reg.emb]))
     with autocast():
-        x0 = student_x0(m.student, z, emb, m.alphas_cumprod, cfg.vsd.student_timestep,
-                        cfg.models.student_prediction_type)
+        x0_all = student_x0(m.student, x_in, text, m.alphas_cumprod, cfg.vsd.student_timestep,
+                            cfg.models.student_prediction_type)
+    x0 = x0_all if reg is None else x0_all[:b]
     t = sample_timesteps(b, m.num_train_timesteps, cfg.vsd.t_min, cfg.vsd.t_max, device=device)
     noise = torch.randn_like(x0, dtype=torch.float32)
     x_t = add_noise(x0.detach().float(), noise, m.alphas_cumprod, t)
@@ -178,20 +245,82 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
     loss_vsd, _ = vsd_loss(x0, eps_teacher, eps_lora, w, cfg.vsd.reduction)
     loss = loss_vsd
     logs = {"loss/vsd": loss_vsd.item()}
-    if m.clip is not None:
-        cl = cfg.clip_loss
-        weight = scheduled_weight(step, cfg.train.steps, cl.weight, cl.end_weight, cl.schedule)
-        with autocast():
-            images = decode(m.tiny_vae, x0.to(m.tiny_vae.dtype))
-            img_emb = m.clip.encode_image(clip_preprocess(images, m.clip.image_size, m.clip.mean, m.clip.std)
-                                          .to(next(m.clip.model.parameters()).dtype))
-            with torch.no_grad():
-                txt_emb = m.clip.encode_text(prompts, device)
-        loss_clip = clamped_clip_loss(img_emb, txt_emb, cl.tau, cl.clamp)
-        loss = loss + weight * loss_clip
-        logs.update({"loss/clip": loss_clip.item(), "clip/weight": weight,
-                     "clip/cos": cosine(img_emb, txt_emb).mean().item()})
+    if m.rewards:
+        loss = loss + reward_losses(m, cfg, x0, prompts, step, autocast, logs)
+    if reg is not None:
+        loss = loss + regularization_loss(m, cfg, x0_all[b:], reg, step, autocast, logs)
     return loss, x0.detach(), logs
+
+
+def reward_losses(m: Models, cfg: Config, x0: torch.Tensor, prompts: list[str], step: int, autocast,
+                  logs: dict[str, float]) -> torch.Tensor:
+    """Σ w_k(step)·max(0, τ_k − r_k(D(x̂0), y)) over the reward terms, D the TinyVAE decoder (decoded once). The
+    clamped CLIP loss logs as before (``loss/clip``, ``clip/weight``, ``clip/cos``), the others as
+    ``loss/reward/<name>``, ``reward/<name>/weight`` and ``reward/<name>/mean``."""
+    with autocast():
+        images = decode(m.tiny_vae, x0.to(m.tiny_vae.dtype))
+    total = None
+    for term in m.rewards:
+        s = term.settings(cfg)
+        weight = scheduled_weight(step, cfg.train.steps, s.weight, s.end_weight, s.schedule)
+        with autocast():
+            reward = term.scorer(images, prompts)
+        # the unclamped CLIP loss is 1 − cos (Table 6's ablation), whatever τ says
+        tau = 1.0 if term.index is None and not s.clamp else s.tau
+        value = clamped_reward_loss(reward, tau, s.clamp)
+        total = weight * value if total is None else total + weight * value
+        if term.index is None:
+            logs.update({"loss/clip": value.item(), "clip/weight": weight, "clip/cos": reward.mean().item()})
+        else:
+            logs.update({f"loss/reward/{term.name}": value.item(), f"reward/{term.name}/weight": weight,
+                         f"reward/{term.name}/mean": reward.mean().item()})
+    return total
+
+
+def _reg_decoder(m: Models, cfg: Config):
+    return m.vae if cfg.regularization.decoder == "vae" else m.tiny_vae
+
+
+@torch.no_grad()
+def regularization_batch(m: Models, cfg: Config, pairs: list, device, autocast) -> RegBatch:
+    """Real pairs: the image's latent (the teacher's VAE, its posterior mean × scaling factor) noised to the student
+    timestep; teacher pairs (``sb2 regpairs``): the stored noise and teacher output. The captions are encoded here,
+    not looked up (they are not in the prompt set)."""
+    emb = encode_prompts(m.text_encoder, m.tokenizer, [p.caption for p in pairs], device)
+    if isinstance(pairs[0], RealPair):
+        pixels = torch.stack([p.image for p in pairs]).to(device, m.vae.dtype)
+        with autocast():
+            target = m.vae.encode(pixels).latent_dist.mode().float() * m.vae.config.scaling_factor
+        noise = torch.randn_like(target)
+        x_in = student_input_for_real(target, noise, m.alphas_cumprod, cfg.vsd.student_timestep)
+    else:
+        x_in = torch.stack([p.noise for p in pairs]).to(device)
+        target = torch.stack([p.target for p in pairs]).to(device)
+    target_images = None
+    if cfg.regularization.distance == "lpips":
+        # Both sides through the same decoder: the loss is zero exactly at x̂0 = target, whatever the decoder's own
+        # reconstruction error on the real image.
+        dec = _reg_decoder(m, cfg)
+        with autocast():
+            target_images = decode(dec, target.to(dec.dtype)).float()
+    return RegBatch(x_in, emb.to(x_in.device), target, target_images)
+
+
+def regularization_loss(m: Models, cfg: Config, x0_reg: torch.Tensor, reg: RegBatch, step: int, autocast,
+                        logs: dict[str, float]) -> torch.Tensor:
+    """w_reg(step)·d(x̂0, target): latent MSE, or the perceptual distance of the decoded images (logged as
+    ``loss/reg``)."""
+    rc = cfg.regularization
+    weight = scheduled_weight(step, cfg.train.steps, rc.weight, rc.end_weight, rc.schedule)
+    if rc.distance == "latent_mse":
+        value = latent_regression_loss(x0_reg, reg.target)
+    else:
+        dec = _reg_decoder(m, cfg)
+        with autocast():
+            images = decode(dec, x0_reg.to(dec.dtype))
+            value = perceptual_regression_loss(m.perceptual_net, images, reg.target_images)
+    logs.update({"loss/reg": value.item(), "reg/weight": weight})
+    return weight * value
 
 
 def lora_teacher_loss(m: Models, cfg: Config, x0: torch.Tensor, emb: torch.Tensor, null_emb: torch.Tensor,
