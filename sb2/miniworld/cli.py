@@ -1,0 +1,54 @@
+"""`sb2 miniworld …`: build the mini-world's pretrained models; benchmark distillation in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="The mini-world: a procedural text-to-image world with known ground truth.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="Output folder (data/miniworld is the committed one).")],
+    quick: Annotated[bool, typer.Option(help="Tiny sizes and step counts (CPU tests): nothing is any good.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes rendering the world.")] = 1,
+    teacher_seconds: Annotated[Optional[float], typer.Option(help="Time cap of the teacher's training.")] = None,
+):
+    """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
+    and the judges; write them and CARD.md/card.json to --out."""
+    from sb2.miniworld.pretrain import PretrainConfig, pretrain as run
+
+    cfg = PretrainConfig.quick() if quick else PretrainConfig()
+    if teacher_seconds is not None:
+        cfg.seconds["teacher"] = teacher_seconds
+    card = run(out, cfg, device=device, workers=workers)
+    typer.echo(f"mini-world models written to {out} in {card['total_seconds']} s (see CARD.md)")
+
+
+@app.command()
+def render(
+    out: Annotated[Path, typer.Option(help="Folder for a sample grid and its captions.")],
+    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+    n: Annotated[int, typer.Option(help="Number of scenes.")] = 16,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+):
+    """Render n scenes of a split: grid.png and captions.txt."""
+    from PIL import Image
+
+    from sb2.miniworld.world import make_pairs
+
+    images, captions, _ = make_pairs(seed, split, n)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    grid = Image.new("RGB", (cols * 64, rows * 64))
+    for i, im in enumerate(images):
+        grid.paste(Image.fromarray(im), ((i % cols) * 64, (i // cols) * 64))
+    grid.save(out / "grid.png")
+    (out / "captions.txt").write_text("\n".join(captions) + "\n")
+    typer.echo(f"{n} {split} scenes written to {out}")
