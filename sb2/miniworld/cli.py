@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,13 +15,14 @@ app = typer.Typer(help="The mini-world: a procedural text-to-image world with kn
 def pretrain(
     out: Annotated[Path, typer.Option(help="Output folder (data/miniworld is the committed one).")],
     quick: Annotated[bool, typer.Option(help="Tiny sizes and step counts (CPU tests): nothing is any good.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     workers: Annotated[int, typer.Option(help="Processes rendering the world.")] = 1,
-    teacher_seconds: Annotated[Optional[float], typer.Option(help="Time cap of the teacher's training.")] = None,
+    teacher_seconds: Annotated[float | None, typer.Option(help="Time cap of the teacher's training.")] = None,
 ):
     """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
     and the judges; write them and CARD.md/card.json to --out."""
-    from sb2.miniworld.pretrain import PretrainConfig, pretrain as run
+    from sb2.miniworld.pretrain import PretrainConfig
+    from sb2.miniworld.pretrain import pretrain as run
 
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
     if teacher_seconds is not None:

@@ -37,7 +37,7 @@ def autocast(device) -> object:
     return torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
-def optimizer(params, lr: float, progress: "Progress", warmup: int = 100, weight_decay: float = 0.0,
+def optimizer(params, lr: float, progress: Progress, warmup: int = 100, weight_decay: float = 0.0,
               betas=(0.9, 0.99)):
     """AdamW, linear warmup, then cosine decay to 5 % over the run — whose end is its step count or its time
     budget, whichever comes first (``progress.fraction``), so a run cut by time still ends annealed."""

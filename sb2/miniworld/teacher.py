@@ -74,11 +74,13 @@ def train_teacher(latents: torch.Tensor, captions: list[str], text_encoder, toke
     progress = Progress("teacher", steps, max_seconds)
     opt, lr_sched = optimizer(unet.parameters(), lr, progress, warmup=200)
     gen = torch.Generator().manual_seed(seed)
+    ids = tokenize(tokenizer, captions).to(device)  # once: tokenizing every batch would cost as much as the step
+    null_ids = tokenize(tokenizer, [""]).to(device)
     for i in range(steps):
         idx = torch.randint(0, len(captions), (batch,), generator=gen)
         drop = torch.rand(batch, generator=gen) < null_text_dropout
-        texts = ["" if d else captions[j] for j, d in zip(idx.tolist(), drop.tolist())]
-        cond = embed(text_encoder, tokenizer, texts, device)
+        with torch.no_grad():
+            cond = text_encoder(torch.where(drop.to(device)[:, None], null_ids, ids[idx.to(device)]))[0]
         x0 = latents[idx.to(latents.device)].to(device)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,), device=device)

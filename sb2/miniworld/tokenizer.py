@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 from sb2.miniworld.world import vocabulary
@@ -25,7 +26,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     words_sym = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words]
     merges: list[tuple[str, str]] = []
     while True:
-        pairs = Counter(p for w in words_sym for p in zip(w, w[1:]))
+        pairs = Counter(p for w in words_sym for p in pairwise(w))
         if not pairs:
             return merges
         best = min(pairs, key=lambda p: (-pairs[p], p))
