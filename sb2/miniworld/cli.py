@@ -18,6 +18,9 @@ def pretrain(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     workers: Annotated[int, typer.Option(help="Processes rendering the world.")] = 1,
     teacher_seconds: Annotated[float | None, typer.Option(help="Time cap of the teacher's training.")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Reuse this model of an earlier run in --out: vae, "
+                                                        "tiny_vae or clip (repeatable).")] = None,
+    continue_teacher: Annotated[bool, typer.Option(help="Start the teacher from --out's teacher UNet.")] = False,
 ):
     """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
     and the judges; write them and CARD.md/card.json to --out."""
@@ -27,7 +30,7 @@ def pretrain(
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
     if teacher_seconds is not None:
         cfg.seconds["teacher"] = teacher_seconds
-    card = run(out, cfg, device=device, workers=workers)
+    card = run(out, cfg, device=device, workers=workers, keep=tuple(keep or ()), continue_teacher=continue_teacher)
     typer.echo(f"mini-world models written to {out} in {card['total_seconds']} s (see CARD.md)")
 
 

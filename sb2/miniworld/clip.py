@@ -33,8 +33,9 @@ def image_input(images_uint8: torch.Tensor) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def train_clip(data: WorldData, model_cfg: dict, steps: int, batch: int, lr: float, seed: int, device,
-               tokenizer, max_seconds: float | None = None) -> tuple[torch.nn.Module, dict]:
+def train_clip(data: WorldData, ids_all: torch.Tensor, model_cfg: dict, steps: int, batch: int, lr: float,
+               seed: int, device, max_seconds: float | None = None) -> tuple[torch.nn.Module, dict]:
+    """``ids_all``: the token ids of ``data.captions`` (N, 77), on ``device``."""
     import open_clip
 
     torch.manual_seed(seed)
@@ -42,7 +43,6 @@ def train_clip(data: WorldData, model_cfg: dict, steps: int, batch: int, lr: flo
     progress = Progress(f"clip{seed}", steps, max_seconds)
     opt, sched = optimizer(model.parameters(), lr, progress, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
-    ids_all = tokenize(tokenizer, data.captions).to(device)
     for i in range(steps):
         images, _, idx = data.batch(gen, batch)
         with autocast(device):

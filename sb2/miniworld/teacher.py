@@ -58,26 +58,25 @@ class EMA:
     @torch.no_grad()
     def update(self, model, step_: int) -> None:
         d = min(self.decay, (1 + step_) / (10 + step_))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - d)
 
 
-def train_teacher(latents: torch.Tensor, captions: list[str], text_encoder, tokenizer, steps: int, batch: int,
-                  lr: float, seed: int, device, width: int = 64, null_text_dropout: float = 0.1,
-                  ema_decay: float = 0.999, max_seconds: float | None = None):
-    """``latents``: scaled VAE latents (N, 4, 8, 8) of the pairs. Returns the EMA UNet and what happened."""
+def train_teacher(latents: torch.Tensor, ids: torch.Tensor, null_ids: torch.Tensor, text_encoder, steps: int,
+                  batch: int, lr: float, seed: int, device, width: int = 64, null_text_dropout: float = 0.1,
+                  ema_decay: float = 0.999, max_seconds: float | None = None, init=None):
+    """``latents``: scaled VAE latents (N, 4, 8, 8) of the pairs, ``ids`` their captions' token ids, ``null_ids``
+    those of "". ``init``: a UNet to continue training instead of a new one. Returns the EMA UNet and a summary."""
     torch.manual_seed(seed)
-    unet = new_unet(text_encoder.config.hidden_size, width).to(device).train()
+    unet = (copy.deepcopy(init).float() if init is not None
+            else new_unet(text_encoder.config.hidden_size, width)).to(device).train().requires_grad_(True)
     ema = EMA(unet, ema_decay)
     sched = train_scheduler()
     abar = sched.alphas_cumprod.to(device)
     progress = Progress("teacher", steps, max_seconds)
     opt, lr_sched = optimizer(unet.parameters(), lr, progress, warmup=200)
     gen = torch.Generator().manual_seed(seed)
-    ids = tokenize(tokenizer, captions).to(device)  # once: tokenizing every batch would cost as much as the step
-    null_ids = tokenize(tokenizer, [""]).to(device)
     for i in range(steps):
-        idx = torch.randint(0, len(captions), (batch,), generator=gen)
+        idx = torch.randint(0, len(ids), (batch,), generator=gen)
         drop = torch.rand(batch, generator=gen) < null_text_dropout
         with torch.no_grad():
             cond = text_encoder(torch.where(drop.to(device)[:, None], null_ids, ids[idx.to(device)]))[0]

@@ -42,7 +42,7 @@ def one_step_x0(unet, noise: torch.Tensor, cond: torch.Tensor, abar_t: torch.Ten
 def train_turbo(teacher_unet, noise: torch.Tensor, cond: torch.Tensor, targets: torch.Tensor,
                 real_latents: torch.Tensor, real_cond_pooled: torch.Tensor, cond_pooled: torch.Tensor,
                 abar_t: torch.Tensor, steps: int, batch: int, lr: float, seed: int, device,
-                adv_weight: float = 0.05, max_seconds: float | None = None):
+                adv_weight: float = 0.02, max_seconds: float | None = None):
     """``noise``/``cond``/``targets``: the distillation set (noise, caption embedding, teacher sample);
     ``real_latents`` with the pooled embeddings of their captions: what the discriminator calls real."""
     torch.manual_seed(seed)
