@@ -66,3 +66,18 @@ def test_under_specified_captions_and_one_object_per_cell():
     for i in range(50):
         cells = scenes.cell[i][scenes.shape[i] >= 0]
         assert len(set(cells.tolist())) == len(cells)
+
+
+def test_caption_files_keep_prompts_and_evaluation_apart(tmp_path):
+    from sb2.miniworld.captions import write_caption_files, write_reference_images
+
+    paths = write_caption_files(tmp_path, num_prompts=300, num_eval=20)
+    prompts = paths["prompts"].read_text().splitlines()
+    evals = paths["eval_captions"].read_text().splitlines()
+    assert len(prompts) == len(set(prompts)) == 300 and len(evals) == 20
+    assert not set(prompts) & set(evals)
+    assert evals == make_pairs(0, "eval", 20)[1]
+    ref = write_reference_images(tmp_path / "ref", num_eval=3)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(ref / "000002.png")), make_pairs(0, "eval", 3)[0][2])

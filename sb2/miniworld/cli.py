@@ -56,3 +56,29 @@ def render(
     grid.save(out / "grid.png")
     (out / "captions.txt").write_text("\n".join(captions) + "\n")
     typer.echo(f"{n} {split} scenes written to {out}")
+
+
+@app.command()
+def prompts(
+    out: Annotated[Path, typer.Option(help="Folder for prompts.txt and eval_captions.txt.")] = Path("data/miniworld"),
+    num_prompts: Annotated[int, typer.Option(help="Distinct distillation prompts.")] = 10_000,
+    num_eval: Annotated[int, typer.Option(help="Evaluation captions.")] = 2048,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+):
+    """Write the distillation prompts (training frames) and the evaluation captions (evaluation frames)."""
+    from sb2.miniworld.captions import write_caption_files
+
+    paths = write_caption_files(out, seed, num_prompts, num_eval)
+    typer.echo(f"wrote {paths['prompts']} and {paths['eval_captions']}")
+
+
+@app.command()
+def reference(
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("local_outputs/miniworld/reference"),
+    num_eval: Annotated[int, typer.Option(help="Evaluation scenes.")] = 2048,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+):
+    """Render the reference images of the evaluation captions (the FID / precision-recall reference set)."""
+    from sb2.miniworld.captions import write_reference_images
+
+    typer.echo(f"reference images written to {write_reference_images(out, seed, num_eval)}")
