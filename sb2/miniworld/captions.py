@@ -16,7 +16,7 @@ from sb2.miniworld import world
 PROMPTS_START = 1_000_000  # scene index where the distillation prompts begin, far past any pretraining pair
 
 
-def write_caption_files(out: str | Path, seed: int = 0, num_prompts: int = 10_000,
+def write_caption_files(out: str | Path, seed: int = 0, num_prompts: int = 8_000,
                         num_eval: int = 2048) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

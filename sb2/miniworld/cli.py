@@ -61,7 +61,7 @@ def render(
 @app.command()
 def prompts(
     out: Annotated[Path, typer.Option(help="Folder for prompts.txt and eval_captions.txt.")] = Path("data/miniworld"),
-    num_prompts: Annotated[int, typer.Option(help="Distinct distillation prompts.")] = 10_000,
+    num_prompts: Annotated[int, typer.Option(help="Distinct distillation prompts.")] = 8_000,
     num_eval: Annotated[int, typer.Option(help="Evaluation captions.")] = 2048,
     seed: Annotated[int, typer.Option(help="World seed.")] = 0,
 ):

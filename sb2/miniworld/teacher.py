@@ -6,6 +6,7 @@ VAE latents of the world's training pairs with the frozen CLIP text tower, saved
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,14 +116,24 @@ def sample(unet, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, 
 
 
 def save_pipeline(unet, vae, text_encoder, tokenizer, folder) -> None:
-    """A stock StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/);
-    UNet and VAE in float16 (diffusers loads them as float32), the text encoder in float32 (transformers 5 would
-    keep float16)."""
+    """A stock StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    Weights are stored in float16 and load as float32: diffusers upcasts by default, and the text encoder's config
+    keeps ``dtype: float32``, which transformers 5 loads by (its weights come from the float16 open_clip file, so
+    this loses nothing)."""
     from diffusers import StableDiffusionPipeline
 
     unet, vae = copy.deepcopy(unet).to("cpu", torch.float16), copy.deepcopy(vae).to("cpu", torch.float16)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder.to("cpu", torch.float32), tokenizer=tokenizer, unet=unet,
+        vae=vae, text_encoder=copy.deepcopy(text_encoder).to("cpu", torch.float32), tokenizer=tokenizer, unet=unet,
         scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    halve_safetensors(Path(folder) / "text_encoder" / "model.safetensors")
+
+
+def halve_safetensors(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(path),
+              metadata={"format": "pt"})
