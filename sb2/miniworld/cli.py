@@ -82,3 +82,20 @@ def reference(
     from sb2.miniworld.captions import write_reference_images
 
     typer.echo(f"reference images written to {write_reference_images(out, seed, num_eval)}")
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/miniworld"),
+    quick: Annotated[bool, typer.Option(help="32 captions, 2 teacher steps (CPU).")] = False,
+    seeds: Annotated[int, typer.Option(help="Number of seeds.")] = 3,
+    student: Annotated[list[str] | None, typer.Option(help="NAME=PATH of a trained student (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+):
+    """Score the teacher (25 steps, cfg 2/4.5/7.5), the Turbo analog and given students with the mini-world judges:
+    results.md and results.json in --out."""
+    from sb2.miniworld.bench import bench as run
+
+    students = dict(s.split("=", 1) for s in (student or []))
+    record = run(out, quick=quick, device=device, seeds=tuple(range(seeds)), students=students)
+    typer.echo(f"{len(record['rows'])} rows written to {out / 'results.md'}")
