@@ -174,6 +174,9 @@ app.command("evaluate")(_user_errors(evaluate_command))
 from sb2.prompts.cli import app as prompts_app  # noqa: E402  (it imports the options above)
 
 app.add_typer(prompts_app, name="prompts")
+from sb2.miniworld.cli import app as miniworld_app  # noqa: E402
+
+app.add_typer(miniworld_app, name="miniworld")
 
 
 def main() -> None:  # pragma: no cover

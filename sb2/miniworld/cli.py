@@ -1,0 +1,101 @@
+"""`sb2 miniworld …`: build the mini-world's pretrained models; benchmark distillation in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="The mini-world: a procedural text-to-image world with known ground truth.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="Output folder (data/miniworld is the committed one).")],
+    quick: Annotated[bool, typer.Option(help="Tiny sizes and step counts (CPU tests): nothing is any good.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes rendering the world.")] = 1,
+    teacher_seconds: Annotated[float | None, typer.Option(help="Time cap of the teacher's training.")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Reuse this model of an earlier run in --out: vae, "
+                                                        "tiny_vae or clip (repeatable).")] = None,
+    continue_teacher: Annotated[bool, typer.Option(help="Start the teacher from --out's teacher UNet.")] = False,
+):
+    """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
+    and the judges; write them and CARD.md/card.json to --out."""
+    from sb2.miniworld.pretrain import PretrainConfig
+    from sb2.miniworld.pretrain import pretrain as run
+
+    cfg = PretrainConfig.quick() if quick else PretrainConfig()
+    if teacher_seconds is not None:
+        cfg.seconds["teacher"] = teacher_seconds
+    card = run(out, cfg, device=device, workers=workers, keep=tuple(keep or ()), continue_teacher=continue_teacher)
+    typer.echo(f"mini-world models written to {out} in {card['total_seconds']} s (see CARD.md)")
+
+
+@app.command()
+def render(
+    out: Annotated[Path, typer.Option(help="Folder for a sample grid and its captions.")],
+    split: Annotated[str, typer.Option(help="train or eval.")] = "train",
+    n: Annotated[int, typer.Option(help="Number of scenes.")] = 16,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+):
+    """Render n scenes of a split: grid.png and captions.txt."""
+    from PIL import Image
+
+    from sb2.miniworld.world import make_pairs
+
+    images, captions, _ = make_pairs(seed, split, n)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    grid = Image.new("RGB", (cols * 64, rows * 64))
+    for i, im in enumerate(images):
+        grid.paste(Image.fromarray(im), ((i % cols) * 64, (i // cols) * 64))
+    grid.save(out / "grid.png")
+    (out / "captions.txt").write_text("\n".join(captions) + "\n")
+    typer.echo(f"{n} {split} scenes written to {out}")
+
+
+@app.command()
+def prompts(
+    out: Annotated[Path, typer.Option(help="Folder for prompts.txt and eval_captions.txt.")] = Path("data/miniworld"),
+    num_prompts: Annotated[int, typer.Option(help="Distinct distillation prompts.")] = 8_000,
+    num_eval: Annotated[int, typer.Option(help="Evaluation captions.")] = 2048,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+):
+    """Write the distillation prompts (training frames) and the evaluation captions (evaluation frames)."""
+    from sb2.miniworld.captions import write_caption_files
+
+    paths = write_caption_files(out, seed, num_prompts, num_eval)
+    typer.echo(f"wrote {paths['prompts']} and {paths['eval_captions']}")
+
+
+@app.command()
+def reference(
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("local_outputs/miniworld/reference"),
+    num_eval: Annotated[int, typer.Option(help="Evaluation scenes.")] = 2048,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+):
+    """Render the reference images of the evaluation captions (the FID / precision-recall reference set)."""
+    from sb2.miniworld.captions import write_reference_images
+
+    typer.echo(f"reference images written to {write_reference_images(out, seed, num_eval)}")
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/miniworld"),
+    quick: Annotated[bool, typer.Option(help="32 captions, 2 teacher steps (CPU).")] = False,
+    seeds: Annotated[int, typer.Option(help="Number of seeds.")] = 3,
+    student: Annotated[list[str] | None, typer.Option(help="NAME=PATH of a trained student (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+):
+    """Score the teacher (25 steps, cfg 2/4.5/7.5), the Turbo analog and given students with the mini-world judges:
+    results.md and results.json in --out."""
+    from sb2.miniworld.bench import bench as run
+
+    students = dict(s.split("=", 1) for s in (student or []))
+    record = run(out, quick=quick, device=device, seeds=tuple(range(seeds)), students=students)
+    typer.echo(f"{len(record['rows'])} rows written to {out / 'results.md'}")

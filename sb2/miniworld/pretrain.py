@@ -1,0 +1,353 @@
+"""`sb2 miniworld pretrain`: every pretrained model of the mini-world, trained by our code and saved in its real
+format, with a card (``card.json`` + ``CARD.md``) stating how each was trained and how good it is.
+
+Output layout (what ``sb2/profiles/miniworld.yaml`` points at):
+
+    teacher/         StableDiffusionPipeline folder (unet, vae, text_encoder, tokenizer, scheduler): the SD2.1
+    turbo/           UNet folder: the one-step SD-Turbo analog (a student init)
+    tiny_vae/        AutoencoderTiny folder: the TAESD analog
+    clip/            open_clip folder: the CLIP of the clamped CLIP loss; its text tower is teacher/text_encoder
+    judges/features  FID / precision-recall feature network;  judges/attributes  alignment judge
+    judges/clip      open_clip folder: the CLIP-score judge (another seed and size)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sb2.miniworld import world
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    train_pairs: int = 120_000
+    eval_pairs: int = 2_048  # evaluation captions and their reference images
+    batch: int = 512
+    vae_width: int = 32
+    vae_steps: int = 10_000
+    tiny_vae_steps: int = 2000
+    clip: dict = dataclasses.field(default_factory=lambda: {"width": 128, "layers": 4, "vision_width": 128,
+                                                            "vision_layers": 4, "embed_dim": 128})
+    clip_steps: int = 2500
+    judge_clip: dict = dataclasses.field(default_factory=lambda: {"width": 64, "layers": 3, "vision_width": 64,
+                                                                  "vision_layers": 3, "embed_dim": 64})
+    judge_clip_steps: int = 1500
+    judge_steps: int = 1500
+    judge_pairs: int = 60_000
+    unet_width: int = 64
+    teacher_steps: int = 20_000
+    teacher_batch: int = 1024
+    teacher_lr: float = 3e-4
+    turbo_pairs: int = 16_384
+    turbo_steps: int = 3000
+    turbo_lr: float = 1e-4
+    sample_steps: int = 25
+    guidance: float = 4.5
+    # Time caps (seconds) per trainer, so that the whole build fits ~8 minutes on one H100: a trainer stops at its
+    # step count or its cap, whichever comes first, and its learning rate anneals over whichever it is. The committed
+    # build gave the VAE 50 s and it became the bottleneck (see data/miniworld/CARD.md): it gets the most here.
+    seconds: dict = dataclasses.field(default_factory=lambda: {
+        "judge": 12, "clip": 45, "judge_clip": 25, "vae": 130, "tiny_vae": 20, "teacher": 170, "turbo": 45})
+
+    @classmethod
+    def quick(cls) -> PretrainConfig:
+        """Tiny sizes and step counts for CPU tests: everything is produced, nothing is any good."""
+        small = {"width": 32, "layers": 1, "vision_width": 32, "vision_layers": 1, "embed_dim": 32}
+        return cls(train_pairs=256, eval_pairs=64, batch=8, vae_width=16, vae_steps=2, tiny_vae_steps=2, clip=small,
+                   clip_steps=2, judge_clip=small, judge_clip_steps=2, judge_steps=2, unet_width=32,
+                   teacher_steps=2, teacher_batch=8, turbo_pairs=16, turbo_steps=2, sample_steps=2,
+                   judge_pairs=128, seconds={})
+
+
+def _render(args) -> np.ndarray:
+    seed, split, start, n = args
+    return world.render(world.sample_scenes(seed, split, n, start))
+
+
+def render_pairs(seed: int, split: str, n: int, workers: int = 1):
+    """Images (parallel over processes), captions and scenes of scenes 0..n of ``split``."""
+    chunks = [(seed, split, a, min(world.BLOCK, n - a)) for a in range(0, n, world.BLOCK)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            images = np.concatenate(list(pool.map(_render, chunks)))
+    else:
+        images = np.concatenate([_render(c) for c in chunks])
+    scenes = world.sample_scenes(seed, split, n)
+    return images, world.captions(scenes), scenes
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def decode(vae, latents_scaled: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    from sb2.miniworld.fitting import autocast
+
+    out = []
+    for a in range(0, len(latents_scaled), batch):
+        with autocast(latents_scaled.device):
+            out.append(_to_uint8(vae.decode(latents_scaled[a : a + batch] / vae.config.scaling_factor).sample))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fid_vs(features_net, images_nchw: torch.Tensor, reference_nchw: torch.Tensor) -> dict:
+    """FID and precision/recall (k = 3) of images against reference images, in the judge's feature space."""
+    from sb2.evaluation.fid import MomentAccumulator, frechet_distance
+    from sb2.evaluation.precision_recall import precision_recall
+
+    device = next(features_net.parameters()).device
+    feats = []
+    for x in (images_nchw, reference_nchw):
+        feats.append(torch.cat([features_net(x[a : a + 1024].to(device)).float() for a in range(0, len(x), 1024)]))
+    moments = []
+    for f in feats:
+        acc = MomentAccumulator(f.shape[1], f.device)
+        acc.update(f)
+        moments.append((acc.mean, acc.cov))
+    fid = frechet_distance(moments[0][0], moments[0][1], moments[1][0], moments[1][1])
+    precision, recall = precision_recall(feats[1], feats[0], 3)
+    return {"fid": float(fid), "precision": float(precision), "recall": float(recall)}
+
+
+def tokenize_all(tokenizer, captions: list[str], device) -> torch.Tensor:
+    """Token ids of every caption, tokenizing each distinct caption once (captions repeat: a third are short)."""
+    from sb2.miniworld.tokenizer import tokenize
+
+    unique, inverse = np.unique(np.array(captions, dtype=object), return_inverse=True)
+    return tokenize(tokenizer, unique.tolist()).to(device)[torch.from_numpy(inverse).to(device)]
+
+
+def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | None = None, workers: int = 1,
+             keep: tuple[str, ...] = (), continue_teacher: bool = False) -> dict:
+    """Train every mini-world model into ``out``; returns the card.
+
+    ``keep``: models of an earlier run in ``out`` to reuse instead of retraining (``vae``, ``tiny_vae``, ``clip``;
+    the card keeps their entries); ``continue_teacher``: start the teacher from ``out/teacher``'s UNet.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizerFast
+
+    from sb2.miniworld.clip import (
+        clip_config,
+        retrieval_accuracy,
+        save_open_clip_model,
+        text_encoder_from_open_clip,
+        train_clip,
+    )
+    from sb2.miniworld.fitting import WorldData
+    from sb2.miniworld.judges import alignment, attribute_accuracy, save_judge, train_attribute_net
+    from sb2.miniworld.teacher import (
+        embed,
+        pooled_embed,
+        sample,
+        save_pipeline,
+        train_scheduler,
+        train_teacher,
+    )
+    from sb2.miniworld.tokenizer import load_tokenizer, save_tokenizer
+    from sb2.miniworld.turbo import STUDENT_T, one_step_x0, train_turbo
+    from sb2.miniworld.vae import encode_all, reconstruction_error, save_half, train_tiny_vae, train_vae
+    from sb2.models.loading import load_clip
+
+    cfg = cfg or PretrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads((out / "card.json").read_text())["models"] if (out / "card.json").is_file() else {}
+    t = time.perf_counter()  # rendering forks workers: before anything touches CUDA
+    images, captions, scenes = render_pairs(cfg.seed, "train", cfg.train_pairs, workers)
+    ev_images, ev_captions, ev_scenes = render_pairs(cfg.seed, "eval", cfg.eval_pairs, workers)
+    # The judges learn from scenes of every combination (as Inception was not trained on the generator's data):
+    # eval-split scenes of another seed, so never the evaluation scenes themselves.
+    jd_images, jd_captions, jd_scenes = render_pairs(cfg.seed + 1, "eval", cfg.judge_pairs, workers)
+    render_seconds = time.perf_counter() - t
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    n_rendered = len(images) + len(ev_images) + len(jd_images)
+    card: dict = {"world": {"seed": cfg.seed, "train_pairs": cfg.train_pairs, "eval_pairs": cfg.eval_pairs,
+                            "judge_pairs": cfg.judge_pairs, "held_out_pairs": [list(p) for p in world.HELD_OUT],
+                            "render_seconds": round(render_seconds, 1), "render_workers": workers,
+                            "rendered": n_rendered},
+                  "config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name() if device == "cuda"
+                  else "cpu", "models": {}}
+    t_all = time.perf_counter()
+    print(f"rendered {n_rendered} pairs in {render_seconds:.1f}s ({workers} processes)", flush=True)
+
+    def record(name: str, how: str, info: dict, **metrics) -> None:
+        card["models"][name] = {"how": how, **info, "metrics": metrics}
+        print(f"== {name}: {json.dumps(info)} {json.dumps(metrics)}", flush=True)
+        (out / "card.json").write_text(json.dumps(card, indent=2))  # partial cards survive a killed run
+
+    def kept(name: str) -> None:
+        card["models"][name] = dict(earlier[name], how=earlier[name]["how"] + " (kept from an earlier run)")
+
+    data = WorldData(torch.from_numpy(images).to(device), captions, scenes)
+    jdata = WorldData(torch.from_numpy(jd_images).to(device), jd_captions, jd_scenes)
+    ev = torch.from_numpy(ev_images).to(device)
+    ev_nchw = ev.permute(0, 3, 1, 2).contiguous()
+    tok_dir = out / "_tokenizer"
+    save_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizerFast.from_pretrained(str(tok_dir))  # the same ids as the saved slow one, faster
+    t = time.perf_counter()
+    ids, jd_ids = tokenize_all(tokenizer, captions, device), tokenize_all(tokenizer, jd_captions, device)
+    print(f"tokenized in {time.perf_counter() - t:.1f}s", flush=True)
+
+    # The judges first: they score every later model.
+    judges = {}
+    for name, width, dim, seed in (("features", 24, 256, 101), ("attributes", 32, 256, 102)):
+        net, info = train_attribute_net(jdata, cfg.judge_steps, cfg.batch, 2e-3, seed, device, width, dim,
+                                        cfg.seconds.get("judge"))
+        save_judge(net, out / "judges" / name)
+        judges[name] = net
+        record(f"judges/{name}", f"CNN, per-cell shape/color/size + background cross-entropy on {len(jdata)} judge "
+               f"scenes (all attribute combinations, not the evaluation scenes), batches of {cfg.batch}; width "
+               f"{width}, {dim}-d penultimate features; accuracy on the evaluation scenes", info,
+               **attribute_accuracy(net, ev, ev_scenes))
+
+    clips = {}
+    for name, mcfg_kw, steps, seed, cap, d, d_ids in (
+            ("clip", cfg.clip, cfg.clip_steps, cfg.seed + 1, cfg.seconds.get("clip"), data, ids),
+            ("judges/clip", cfg.judge_clip, cfg.judge_clip_steps, cfg.seed + 103, cfg.seconds.get("judge_clip"),
+             jdata, jd_ids)):
+        group = min(64, len(ev_captions))
+        if name in keep:
+            kept(name)
+            clips[name] = load_clip(str(out / name), device=device).model
+            continue
+        mcfg = clip_config(**mcfg_kw)
+        model, info = train_clip(d, d_ids, mcfg, steps, max(cfg.batch, min(1024, 2 * cfg.batch)), 1e-3, seed,
+                                 device, cap)
+        save_open_clip_model(model, mcfg, out / name)
+        clips[name] = model
+        source = ("the training pairs" if d is data
+                  else "the judge pairs (eval frames, all combinations, another seed)")
+        record(name, f"open_clip CLIP (ViT {mcfg_kw['vision_layers']}×{mcfg_kw['vision_width']}, text "
+               f"{mcfg_kw['layers']}×{mcfg_kw['width']}), contrastive on {source} "
+               f"(equal captions in a batch are positives), seed {seed}; retrieval top-1 within groups of {group}",
+               info, eval=retrieval_accuracy(model.float(), tokenizer, ev, ev_captions, group),
+               train=retrieval_accuracy(model.float(), tokenizer, d.images[:len(ev)], d.captions[:len(ev)], group))
+
+    if "vae" in keep:
+        kept("teacher/vae")
+        vae = AutoencoderKL.from_pretrained(str(out / "teacher" / "vae")).to(device).eval().requires_grad_(False)
+    else:
+        vae, info = train_vae(data, cfg.vae_steps, cfg.batch, 1e-3, cfg.seed + 2, device, cfg.vae_width,
+                              max_seconds=cfg.seconds.get("vae"))
+        record("teacher/vae", f"AutoencoderKL 64×64 → 4×8×8, L1 + MSE + 1e-6 KL; scaling_factor = 1/std of the "
+               f"latents = {vae.config.scaling_factor}; error on eval images", info,
+               **reconstruction_error(vae, ev_nchw.permute(0, 2, 3, 1)[:1024]))
+    latents = encode_all(vae, data.images) * vae.config.scaling_factor
+    if "tiny_vae" in keep:
+        kept("tiny_vae")
+    else:
+        tiny, info = train_tiny_vae(vae, data, latents / vae.config.scaling_factor, cfg.tiny_vae_steps, cfg.batch,
+                                    1e-3, cfg.seed + 3, device, cfg.vae_width, cfg.seconds.get("tiny_vae"))
+        save_half(tiny, out / "tiny_vae")
+        record("tiny_vae", "AutoencoderTiny distilled from the VAE: encoder → scaled latents (L1), decoder(scaled "
+               "latents) → image (L1 + MSE)", info,
+               **reconstruction_error(tiny, ev_nchw.permute(0, 2, 3, 1)[:1024], tiny=True))
+
+    # Converted from the saved folder, so that the teacher's text encoder is exactly clip/'s text tower.
+    text_encoder = text_encoder_from_open_clip(load_clip(str(out / "clip")).model.float()).to(device)
+    init, before = None, {"steps": 0, "seconds": 0.0}
+    if continue_teacher and (out / "teacher" / "unet").is_dir():
+        init = UNet2DConditionModel.from_pretrained(str(out / "teacher" / "unet"))
+        before = {k: earlier.get("teacher", {}).get(k, 0) for k in ("steps", "seconds")}
+    null_ids = tokenize_all(tokenizer, [""], device)
+    unet, info = train_teacher(latents, ids, null_ids, text_encoder, cfg.teacher_steps, cfg.teacher_batch,
+                               cfg.teacher_lr, cfg.seed + 4, device, cfg.unet_width,
+                               max_seconds=cfg.seconds.get("teacher"), init=init)
+    if init is not None:
+        info = {"steps": info["steps"] + before["steps"], "seconds": round(info["seconds"] + before["seconds"], 1),
+                "continued_from_steps": before["steps"]}
+    save_pipeline(unet, vae, text_encoder, load_tokenizer(tok_dir), out / "teacher")
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 5)
+    ev_cond = embed(text_encoder, tokenizer, ev_captions, device)
+    uncond = embed(text_encoder, tokenizer, [""], device)
+    ev_noise = torch.randn(len(ev_captions), 4, 8, 8, generator=gen).to(device)
+    ev_latents = encode_all(vae, ev) * vae.config.scaling_factor
+    metrics = {"vae_reconstruction_floor": {**fid_vs(judges["features"], decode(vae, ev_latents), ev_nchw),
+                                            "alignment": alignment(judges["attributes"], decode(vae, ev_latents),
+                                                                   ev_scenes)},
+               "real_images_alignment": alignment(judges["attributes"], ev_nchw, ev_scenes)}
+    for g in sorted({2.0, cfg.guidance, 7.5}):
+        imgs = decode(vae, sample(unet, ev_cond, uncond, ev_noise, cfg.sample_steps, g))
+        metrics[f"cfg{g}"] = {**fid_vs(judges["features"], imgs, ev_nchw),
+                              "alignment": alignment(judges["attributes"], imgs, ev_scenes)}
+        if g == cfg.guidance:
+            _save_grid(imgs[:16], out / "teacher_samples.png")
+    record("teacher", f"UNet2DConditionModel (width {cfg.unet_width}, SD2-style linear-projection attention), "
+           f"ε-prediction on scaled VAE latents, SD scaled-linear β 1000 steps, 10% null text, EMA 0.999, bf16, "
+           f"batches of {cfg.teacher_batch}; sampled with DDIM {cfg.sample_steps} steps; FID/precision/recall "
+           f"in judges/features space vs the {len(ev)} reference images of the eval captions", info, **metrics)
+
+    # The Turbo analog: distillation targets are the teacher's own 25-step samples for training captions.
+    t = time.perf_counter()
+    n = min(cfg.turbo_pairs, len(captions))
+    tr_caps = captions[:n]
+    tr_cond = embed(text_encoder, tokenizer, tr_caps, device)
+    tr_noise = torch.randn(n, 4, 8, 8, generator=gen).to(device)
+    targets = sample(unet, tr_cond, uncond, tr_noise, cfg.sample_steps, cfg.guidance)
+    target_seconds = time.perf_counter() - t
+    tr_pooled = torch.cat([pooled_embed(text_encoder, tokenizer, tr_caps[a : a + 4096], device)
+                           for a in range(0, n, 4096)])
+    abar = train_scheduler().alphas_cumprod[STUDENT_T].to(device)
+    # The real latents the discriminator sees are those of the same training pairs.
+    turbo, info = train_turbo(unet, tr_noise, tr_cond, targets, latents[:n].to(device), tr_pooled, tr_pooled,
+                              abar, cfg.turbo_steps, cfg.teacher_batch, cfg.turbo_lr, cfg.seed + 6, device,
+                              max_seconds=cfg.seconds.get("turbo"))
+    save_half(turbo, out / "turbo")
+    with torch.no_grad():
+        imgs = decode(vae, torch.cat([one_step_x0(turbo, ev_noise[a : a + 1024], ev_cond[a : a + 1024], abar)
+                                      for a in range(0, len(ev_noise), 1024)]))
+    _save_grid(imgs[:16], out / "turbo_samples.png")
+    record("turbo", f"teacher UNet fine-tuned to one step at t={STUDENT_T} (ADD): MSE to the teacher's "
+           f"{cfg.sample_steps}-step cfg-{cfg.guidance} samples of {n} training captions ({target_seconds:.0f}s to "
+           f"make) + 0.02 × hinge GAN with a text-conditioned latent discriminator on real latents", info,
+           **fid_vs(judges["features"], imgs, ev_nchw), alignment=alignment(judges["attributes"], imgs, ev_scenes))
+
+    import shutil
+
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    card["total_seconds"] = round(time.perf_counter() - t_all + render_seconds, 1)
+    (out / "card.json").write_text(json.dumps(card, indent=2))
+    (out / "CARD.md").write_text(card_markdown(card))
+    print(f"pretrain done in {card['total_seconds']:.0f}s → {out}", flush=True)
+    return card
+
+
+def _save_grid(images_nchw: torch.Tensor, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    x = images_nchw.cpu().permute(0, 2, 3, 1).numpy()
+    n = len(x) - len(x) % cols or len(x)
+    x = x[:n]
+    rows = max(1, n // cols)
+    c = min(cols, n)
+    grid = x[: rows * c].reshape(rows, c, *x.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(rows * x.shape[1],
+                                                                                         c * x.shape[2], 3)
+    Image.fromarray(grid).save(path)
+
+
+def card_markdown(card: dict) -> str:
+    lines = ["# The mini-world's pretrained models", "",
+             (f"Built by `sb2 miniworld pretrain` on {card['device']} in {card.get('total_seconds', '?')} s "
+             f"(world seed {card['world']['seed']}, {card['world']['train_pairs']} training pairs, "
+             f"{card['world']['eval_pairs']} evaluation captions; held-out (color, shape) pairs: "
+             f"{', '.join(' '.join(p) for p in card['world']['held_out_pairs'])})."), ""]
+    for name, m in card["models"].items():
+        lines += [f"## {name}", "", f"{m['how']}. Trained {m['steps']} steps in {m['seconds']} s.", "", "```json",
+                  json.dumps(m["metrics"], indent=1), "```", ""]
+    return "\n".join(lines)

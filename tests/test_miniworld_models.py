@@ -1,0 +1,78 @@
+"""`sb2 miniworld pretrain --quick`: every model is produced in its real format and the standard loaders read it."""
+
+import json
+
+import pytest
+import torch
+
+from sb2.config import ModelsConfig
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    from sb2.miniworld.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("miniworld")
+    pretrain(out, PretrainConfig.quick(), device="cpu")
+    return out
+
+
+def test_everything_is_produced_with_a_card(quick_world):
+    card = json.loads((quick_world / "card.json").read_text())
+    assert set(card["models"]) == {"judges/features", "judges/attributes", "clip", "judges/clip", "teacher/vae",
+                                   "tiny_vae", "teacher", "turbo"}
+    assert "cfg4.5" in card["models"]["teacher"]["metrics"]
+    assert (quick_world / "CARD.md").read_text().startswith("# The mini-world")
+
+
+def test_standard_loaders_read_the_world(quick_world):
+    from sb2.models.loading import load_clip, load_teacher, load_tiny_vae, load_unet
+
+    models = ModelsConfig(teacher=str(quick_world / "teacher"), student=str(quick_world / "turbo"),
+                          tiny_vae=str(quick_world / "tiny_vae"), clip=str(quick_world / "clip"))
+    teacher = load_teacher(models)
+    assert teacher.unet.dtype == torch.float32 and teacher.vae.dtype == torch.float32  # saved in fp16, upcast
+    assert teacher.text_encoder.dtype == torch.float32
+    assert teacher.num_train_timesteps == 1000 and teacher.scheduler.config.beta_schedule == "scaled_linear"
+    turbo = load_unet(models.student)
+    assert turbo.config.cross_attention_dim == teacher.text_encoder.config.hidden_size
+    tiny = load_tiny_vae(models.tiny_vae)
+    assert tiny.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
+    clip = load_clip(models.clip)
+    assert clip.image_size == 64
+    # The teacher's text encoder is the CLIP's text tower: the same hidden states on the same tokens.
+    from sb2.miniworld.clip import open_clip_token_states
+
+    prompts = ["a red circle in the top left", "there is a small blue ring and a green square"]
+    ids = clip.tokenizer(prompts)
+    assert torch.equal(ids, teacher.tokenizer(prompts, padding="max_length", max_length=77,
+                                              return_tensors="pt").input_ids)
+    with torch.no_grad():
+        ours = teacher.text_encoder(ids).last_hidden_state
+        theirs = open_clip_token_states(clip.model.float(), ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_stock_diffusers_pipeline_runs_the_teacher(quick_world):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(quick_world / "teacher"))
+    images = pipe(["a red circle"], num_inference_steps=2, guidance_scale=4.5, height=64, width=64,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_judges_plug_into_the_evaluation(quick_world, monkeypatch):
+    from sb2.config import ExtractorConfig
+    from sb2.evaluation.features import build_clip_judge, build_extractor
+    from sb2.miniworld.judges import alignment, attribute_judge
+    from sb2.miniworld.world import make_pairs
+
+    monkeypatch.setenv("SB2_MINIWORLD", str(quick_world))
+    images, captions, scenes = make_pairs(0, "eval", 4)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    feats = build_extractor(ExtractorConfig(kind="module", source="sb2.miniworld.judges:fid_features"), "cpu")(x)
+    assert feats.shape == (4, 256)
+    assert 0.0 <= alignment(attribute_judge(), x, scenes) <= 1.0
+    judge = build_clip_judge(str(quick_world / "judges" / "clip"), "cpu")
+    assert judge.encode_text(captions).shape[0] == 4 and judge.encode_image(x).shape[0] == 4
