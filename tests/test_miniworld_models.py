@@ -76,3 +76,33 @@ def test_judges_plug_into_the_evaluation(quick_world, monkeypatch):
     assert 0.0 <= alignment(attribute_judge(), x, scenes) <= 1.0
     judge = build_clip_judge(str(quick_world / "judges" / "clip"), "cpu")
     assert judge.encode_text(captions).shape[0] == 4 and judge.encode_image(x).shape[0] == 4
+
+
+def test_judge_degradation_is_the_identity_at_zero_strength_and_a_blur_keeps_colors():
+    from sb2.miniworld.judges import degrade
+    from sb2.miniworld.world import make_pairs
+
+    x = torch.from_numpy(make_pairs(0, "eval", 8)[0]).permute(0, 3, 1, 2)
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(degrade(x, gen, max_blur=0, max_noise=0, gain=0, offset=0), x.float())
+    blurred = degrade(x, gen, max_blur=1.2, max_noise=0, gain=0, offset=0)
+    assert (blurred.mean((2, 3)) - x.float().mean((2, 3))).abs().max() < 1.0
+    edges = [torch.diff(a, dim=-1).pow(2).sum((1, 2, 3)) for a in (blurred, x.float())]
+    assert (edges[0] <= edges[1] + 1e-3).all() and edges[0].sum() < 0.8 * edges[1].sum()
+
+
+def test_teacher_text_states_are_computed_once_per_distinct_caption(tmp_path):
+    import open_clip
+
+    from sb2.miniworld.clip import clip_config, text_encoder_from_open_clip
+    from sb2.miniworld.teacher import caption_states
+    from sb2.miniworld.tokenizer import load_tokenizer, save_tokenizer, tokenize
+
+    torch.manual_seed(0)
+    enc = text_encoder_from_open_clip(open_clip.CLIP(**clip_config(32, 1, 32, 1, 32)))
+    save_tokenizer(tmp_path)
+    ids = tokenize(load_tokenizer(tmp_path), ["a red circle", "a blue ring", "a red circle", ""])
+    table, which = caption_states(enc, ids)
+    assert len(table) == 3 and which[0] == which[2] != which[1]
+    with torch.no_grad():
+        torch.testing.assert_close(table[which], enc(ids)[0])

@@ -8,6 +8,9 @@ and the background. Two are trained, of different widths and seeds:
 - ``attributes``: scores text alignment exactly (:func:`alignment`): an image matches its caption when it holds as
   many objects as the caption names and each named object, with every attribute the caption states, is found.
 
+Both learn from degraded images (:func:`degrade`: blur, color shift, noise) and, for a share, from VAE reconstructions,
+so that a decoded image is judged by what it shows and not rejected for its blur.
+
 A third judge, the CLIP-score model, is a second mini-world CLIP (:mod:`sb2.miniworld.clip`, other seed and size).
 Each is saved as ``config.json`` + ``model.safetensors``; nothing is pickled.
 """
@@ -79,8 +82,31 @@ def cell_targets(scenes: Scenes, idx: np.ndarray) -> dict[str, torch.Tensor]:
             "background": torch.from_numpy(scenes.background[idx])}
 
 
+def degrade(images_nchw: torch.Tensor, gen: torch.Generator, max_blur: float = 1.2, max_noise: float = 6.0,
+            gain: float = 0.06, offset: float = 6.0) -> torch.Tensor:
+    """What a decoder does to an image, at random per image (0–255 floats in and out): Gaussian blur of σ in
+    [0, max_blur] px, a per-channel gain and offset (slight color shift), Gaussian noise of std in [0, max_noise]."""
+    x = images_nchw.float()
+    b, c, h, w = x.shape
+    u = torch.rand(b, 4, generator=gen).to(x.device)
+    sigma = (u[:, 0] * max_blur).clamp(min=1e-2)
+    r = torch.arange(-3, 4, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (r[None] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b·c, 7): one kernel per image, for each channel
+    y = F.pad(x.reshape(1, b * c, h, w), (3, 3, 3, 3), mode="replicate")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=b * c), k[:, None, :, None], groups=b * c).view(b, c, h, w)
+    jitter = torch.rand(b, 2 * c, generator=gen).to(x.device) * 2 - 1
+    y = y * (1 + gain * jitter[:, :c, None, None]) + offset * jitter[:, c:, None, None]
+    y = y + torch.randn_like(y) * (u[:, 1] * max_noise)[:, None, None, None]  # on the device: 6M values a batch
+    return y.clamp(0, 255)
+
+
 def train_attribute_net(data: WorldData, steps: int, batch: int, lr: float, seed: int, device, width: int,
-                        feature_dim: int, max_seconds: float | None = None):
+                        feature_dim: int, max_seconds: float | None = None, decoded: torch.Tensor | None = None,
+                        p_decoded: float = 0.3):
+    """Cross-entropy on the scenes' cell labels, on degraded images (:func:`degrade`) so that a judge does not
+    reject every image that went through a decoder; ``decoded``: VAE reconstructions of ``data``'s first images
+    (uint8 NHWC), shown instead of the image for a share ``p_decoded`` of the batch where there is one."""
     torch.manual_seed(seed)
     net = AttributeNet(width, feature_dim).to(device).train()
     progress = Progress(f"judge{seed}", steps, max_seconds)
@@ -88,9 +114,14 @@ def train_attribute_net(data: WorldData, steps: int, batch: int, lr: float, seed
     gen = torch.Generator().manual_seed(seed)
     for i in range(steps):
         images, _, idx = data.batch(gen, batch)
+        if decoded is not None:
+            swap = (idx < len(decoded)) & (torch.rand(batch, generator=gen) < p_decoded)
+            dev_swap = swap.to(images.device)[:, None, None, None]
+            images = torch.where(dev_swap, decoded[idx.clamp(max=len(decoded) - 1).to(decoded.device)], images)
         target = {k: v.to(device) for k, v in cell_targets(data.scenes, idx.numpy()).items()}
+        x = degrade(images.permute(0, 3, 1, 2), gen)
         with autocast(device):
-            parts = net.logits(images.permute(0, 3, 1, 2))
+            parts = net.logits(x)
         loss = sum(F.cross_entropy(parts[k].float().flatten(0, -2), target[k].flatten(), ignore_index=-100)
                    for k in parts)
         step(opt, sched, loss, net.parameters())

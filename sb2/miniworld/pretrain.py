@@ -33,7 +33,8 @@ class PretrainConfig:
     eval_pairs: int = 2_048  # evaluation captions and their reference images
     batch: int = 512
     vae_width: int = 32
-    vae_steps: int = 10_000
+    vae_batch: int = 256  # the VAE is bound by optimizer steps more than by batch size
+    vae_steps: int = 30_000  # the time cap binds first
     tiny_vae_steps: int = 2000
     clip: dict = dataclasses.field(default_factory=lambda: {"width": 128, "layers": 4, "vision_width": 128,
                                                             "vision_layers": 4, "embed_dim": 128})
@@ -41,31 +42,34 @@ class PretrainConfig:
     judge_clip: dict = dataclasses.field(default_factory=lambda: {"width": 64, "layers": 3, "vision_width": 64,
                                                                   "vision_layers": 3, "embed_dim": 64})
     judge_clip_steps: int = 1500
-    judge_steps: int = 1500
+    judge_steps: int = 2500
     judge_pairs: int = 60_000
     unet_width: int = 64
     teacher_steps: int = 20_000
     teacher_batch: int = 1024
-    teacher_lr: float = 3e-4
+    teacher_lr: float = 4e-4
     turbo_pairs: int = 16_384
     turbo_steps: int = 3000
+    turbo_batch: int = 512
     turbo_lr: float = 1e-4
+    judge_decoded: int = 16_384  # judge images also shown as VAE reconstructions (a share of each judge batch)
     sample_steps: int = 25
     guidance: float = 4.5
-    # Time caps (seconds) per trainer, so that the whole build fits ~8 minutes on one H100: a trainer stops at its
-    # step count or its cap, whichever comes first, and its learning rate anneals over whichever it is. The committed
-    # build gave the VAE 50 s and it became the bottleneck (see data/miniworld/CARD.md): it gets the most here.
+    # Time caps (seconds) per trainer, so that the whole build fits ~8 minutes on one H100 (≈ 60 s more go to
+    # rendering, CUDA start-up, encoding, sampling and metrics): a trainer stops at its step count or its cap,
+    # whichever comes first, and its learning rate anneals over whichever it is. The first build gave the VAE 50 s and
+    # it bounded everything after it (its reconstructions lost small shapes): the VAE and the teacher share the bulk.
     seconds: dict = dataclasses.field(default_factory=lambda: {
-        "judge": 12, "clip": 45, "judge_clip": 25, "vae": 130, "tiny_vae": 20, "teacher": 170, "turbo": 45})
+        "judge": 14, "clip": 28, "judge_clip": 12, "vae": 150, "tiny_vae": 12, "teacher": 150, "turbo": 30})
 
     @classmethod
     def quick(cls) -> PretrainConfig:
         """Tiny sizes and step counts for CPU tests: everything is produced, nothing is any good."""
         small = {"width": 32, "layers": 1, "vision_width": 32, "vision_layers": 1, "embed_dim": 32}
-        return cls(train_pairs=256, eval_pairs=64, batch=8, vae_width=16, vae_steps=2, tiny_vae_steps=2, clip=small,
-                   clip_steps=2, judge_clip=small, judge_clip_steps=2, judge_steps=2, unet_width=32,
-                   teacher_steps=2, teacher_batch=8, turbo_pairs=16, turbo_steps=2, sample_steps=2,
-                   judge_pairs=128, seconds={})
+        return cls(train_pairs=256, eval_pairs=64, batch=8, vae_batch=8, vae_width=16, vae_steps=2, tiny_vae_steps=2,
+                   clip=small, clip_steps=2, judge_clip=small, judge_clip_steps=2, judge_steps=2, unet_width=32,
+                   teacher_steps=2, teacher_batch=8, turbo_pairs=16, turbo_steps=2, turbo_batch=8, sample_steps=2,
+                   judge_pairs=128, judge_decoded=64, seconds={})
 
 
 def _render(args) -> np.ndarray:
@@ -187,11 +191,18 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
 
     def record(name: str, how: str, info: dict, **metrics) -> None:
         card["models"][name] = {"how": how, **info, "metrics": metrics}
-        print(f"== {name}: {json.dumps(info)} {json.dumps(metrics)}", flush=True)
-        (out / "card.json").write_text(json.dumps(card, indent=2))  # partial cards survive a killed run
+        print(f"== {name} (at {time.perf_counter() - t_all + render_seconds:.0f}s): {json.dumps(info)} "
+              f"{json.dumps(metrics)}", flush=True)
+        write_card()  # partial cards survive a killed run
+
+    def write_card() -> None:
+        card["total_seconds"] = round(time.perf_counter() - t_all + render_seconds, 1)
+        (out / "card.json").write_text(json.dumps(card, indent=2))
+        (out / "CARD.md").write_text(card_markdown(card))
 
     def kept(name: str) -> None:
         card["models"][name] = dict(earlier[name], how=earlier[name]["how"] + " (kept from an earlier run)")
+        write_card()
 
     data = WorldData(torch.from_numpy(images).to(device), captions, scenes)
     jdata = WorldData(torch.from_numpy(jd_images).to(device), jd_captions, jd_scenes)
@@ -204,17 +215,35 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     ids, jd_ids = tokenize_all(tokenizer, captions, device), tokenize_all(tokenizer, jd_captions, device)
     print(f"tokenized in {time.perf_counter() - t:.1f}s", flush=True)
 
-    # The judges first: they score every later model.
+    if "vae" in keep:
+        kept("teacher/vae")
+        vae = AutoencoderKL.from_pretrained(str(out / "teacher" / "vae")).to(device).eval().requires_grad_(False)
+    else:
+        vae, info = train_vae(data, cfg.vae_steps, cfg.vae_batch, 1e-3, cfg.seed + 2, device, cfg.vae_width,
+                              max_seconds=cfg.seconds.get("vae"))
+        save_half(vae, out / "teacher" / "vae")  # now, so that a run killed later still leaves it
+        record("teacher/vae", f"AutoencoderKL 64×64 → 4×8×8 (width {cfg.vae_width}), L1 + MSE + L1 of the image "
+               f"gradients + L1 of the 4×4-pooled image + 1e-6 KL on posterior samples, batches of {cfg.vae_batch}; "
+               f"scaling_factor = 1/std of the latent means = {vae.config.scaling_factor}; error on eval images",
+               info, **reconstruction_error(vae, ev_nchw.permute(0, 2, 3, 1)[:1024]))
+    # The judges next: they score every later model. They see their images degraded as a decoder would and, for a
+    # share, through this VAE, so that they judge decoded images by what they show, not by their blur.
+    jd_decoded = decode(vae, encode_all(vae, jdata.images[: cfg.judge_decoded]) * vae.config.scaling_factor)
+    jd_decoded = jd_decoded.permute(0, 2, 3, 1).contiguous()
+    ev_decoded = decode(vae, encode_all(vae, ev) * vae.config.scaling_factor)
     judges = {}
     for name, width, dim, seed in (("features", 24, 256, 101), ("attributes", 32, 256, 102)):
         net, info = train_attribute_net(jdata, cfg.judge_steps, cfg.batch, 2e-3, seed, device, width, dim,
-                                        cfg.seconds.get("judge"))
+                                        cfg.seconds.get("judge"), decoded=jd_decoded)
         save_judge(net, out / "judges" / name)
         judges[name] = net
         record(f"judges/{name}", f"CNN, per-cell shape/color/size + background cross-entropy on {len(jdata)} judge "
-               f"scenes (all attribute combinations, not the evaluation scenes), batches of {cfg.batch}; width "
-               f"{width}, {dim}-d penultimate features; accuracy on the evaluation scenes", info,
-               **attribute_accuracy(net, ev, ev_scenes))
+               f"scenes (all attribute combinations, not the evaluation scenes), batches of {cfg.batch}, each image "
+               f"blurred (σ ≤ 1.2 px), color-shifted and noised at random, 30% of the first {len(jd_decoded)} "
+               f"shown as VAE reconstructions; width {width}, {dim}-d penultimate features; accuracy on the "
+               f"evaluation scenes, alignment of the real ones and of their VAE reconstructions", info,
+               **attribute_accuracy(net, ev, ev_scenes),
+               alignment_vae_reconstruction=alignment(net, ev_decoded, ev_scenes))
 
     clips = {}
     for name, mcfg_kw, steps, seed, cap, d, d_ids in (
@@ -239,15 +268,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                info, eval=retrieval_accuracy(model.float(), tokenizer, ev, ev_captions, group),
                train=retrieval_accuracy(model.float(), tokenizer, d.images[:len(ev)], d.captions[:len(ev)], group))
 
-    if "vae" in keep:
-        kept("teacher/vae")
-        vae = AutoencoderKL.from_pretrained(str(out / "teacher" / "vae")).to(device).eval().requires_grad_(False)
-    else:
-        vae, info = train_vae(data, cfg.vae_steps, cfg.batch, 1e-3, cfg.seed + 2, device, cfg.vae_width,
-                              max_seconds=cfg.seconds.get("vae"))
-        record("teacher/vae", f"AutoencoderKL 64×64 → 4×8×8, L1 + MSE + 1e-6 KL; scaling_factor = 1/std of the "
-               f"latents = {vae.config.scaling_factor}; error on eval images", info,
-               **reconstruction_error(vae, ev_nchw.permute(0, 2, 3, 1)[:1024]))
     latents = encode_all(vae, data.images) * vae.config.scaling_factor
     if "tiny_vae" in keep:
         kept("tiny_vae")
@@ -282,15 +302,19 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                                             "alignment": alignment(judges["attributes"], decode(vae, ev_latents),
                                                                    ev_scenes)},
                "real_images_alignment": alignment(judges["attributes"], ev_nchw, ev_scenes)}
-    for g in sorted({2.0, cfg.guidance, 7.5}):
+
+    def teacher_at(g: float) -> dict:
         imgs = decode(vae, sample(unet, ev_cond, uncond, ev_noise, cfg.sample_steps, g))
-        metrics[f"cfg{g}"] = {**fid_vs(judges["features"], imgs, ev_nchw),
-                              "alignment": alignment(judges["attributes"], imgs, ev_scenes)}
         if g == cfg.guidance:
             _save_grid(imgs[:16], out / "teacher_samples.png")
+        return {**fid_vs(judges["features"], imgs, ev_nchw), "alignment": alignment(judges["attributes"], imgs,
+                                                                                    ev_scenes)}
+
+    metrics[f"cfg{cfg.guidance}"] = teacher_at(cfg.guidance)  # the other scales once every model is saved
     record("teacher", f"UNet2DConditionModel (width {cfg.unet_width}, SD2-style linear-projection attention), "
-           f"ε-prediction on scaled VAE latents, SD scaled-linear β 1000 steps, 10% null text, EMA 0.999, bf16, "
-           f"batches of {cfg.teacher_batch}; sampled with DDIM {cfg.sample_steps} steps; FID/precision/recall "
+           f"ε-prediction on the scaled VAE latent means of the training pairs, SD scaled-linear β 1000 steps, 10% "
+           f"null text, EMA 0.998, bf16, batches of {cfg.teacher_batch} at lr {cfg.teacher_lr}; sampled with DDIM "
+           f"{cfg.sample_steps} steps; FID/precision/recall "
            f"in judges/features space vs the {len(ev)} reference images of the eval captions", info, **metrics)
 
     # The Turbo analog: distillation targets are the teacher's own 25-step samples for training captions.
@@ -306,7 +330,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     abar = train_scheduler().alphas_cumprod[STUDENT_T].to(device)
     # The real latents the discriminator sees are those of the same training pairs.
     turbo, info = train_turbo(unet, tr_noise, tr_cond, targets, latents[:n].to(device), tr_pooled, tr_pooled,
-                              abar, cfg.turbo_steps, cfg.teacher_batch, cfg.turbo_lr, cfg.seed + 6, device,
+                              abar, cfg.turbo_steps, cfg.turbo_batch, cfg.turbo_lr, cfg.seed + 6, device,
                               max_seconds=cfg.seconds.get("turbo"))
     save_half(turbo, out / "turbo")
     with torch.no_grad():
@@ -315,15 +339,21 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     _save_grid(imgs[:16], out / "turbo_samples.png")
     record("turbo", f"teacher UNet fine-tuned to one step at t={STUDENT_T} (ADD): MSE to the teacher's "
            f"{cfg.sample_steps}-step cfg-{cfg.guidance} samples of {n} training captions ({target_seconds:.0f}s to "
-           f"make) + 0.02 × hinge GAN with a text-conditioned latent discriminator on real latents", info,
+           f"make) + 0.02 × hinge GAN with a text-conditioned latent discriminator on real latents, batches of "
+           f"{cfg.turbo_batch}", info,
            **fid_vs(judges["features"], imgs, ev_nchw), alignment=alignment(judges["attributes"], imgs, ev_scenes))
 
     import shutil
 
     shutil.rmtree(tok_dir, ignore_errors=True)
-    card["total_seconds"] = round(time.perf_counter() - t_all + render_seconds, 1)
-    (out / "card.json").write_text(json.dumps(card, indent=2))
-    (out / "CARD.md").write_text(card_markdown(card))
+    write_card()
+    print("every model is saved; the teacher at other guidance scales:", flush=True)
+    for g in (2.0, 7.5):
+        if g != cfg.guidance:
+            card["models"]["teacher"]["metrics"][f"cfg{g}"] = teacher_at(g)
+            print(f"== teacher cfg{g}: {json.dumps(card['models']['teacher']['metrics'][f'cfg{g}'])}", flush=True)
+            write_card()
+    write_card()
     print(f"pretrain done in {card['total_seconds']:.0f}s → {out}", flush=True)
     return card
 

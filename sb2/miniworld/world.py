@@ -32,7 +32,9 @@ COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 RGB = np.array([[215, 40, 40], [40, 170, 60], [45, 80, 225], [235, 210, 45], [150, 55, 195], [245, 140, 30]],
                np.float32)
 SIZES = ("small", "large")
-RADII = ((4.5, 6.0), (8.0, 9.5))  # pixels (circumradius), per size: uniform in the range
+# Pixels (circumradius), per size: uniform in the range. A latent cell of the 8× VAE is 8×8 px: a small object must
+# span more than one (the first build's 4.5–6 px objects did not survive the VAE), and large stays ≥ 1.35× small.
+RADII = ((5.5, 7.0), (9.5, 11.0))
 BACKGROUNDS = ("dark", "light")
 # The 3×3 grid, row-major; cell centers in pixels.
 CELL_CENTERS = np.array([10.5, 31.5, 52.5], np.float32)
@@ -172,7 +174,7 @@ def render(scenes: Scenes, chunk: int = 256) -> np.ndarray:
 
 
 _XN, _YN = (_XX / SIZE - 0.5) * 2, (_YY / SIZE - 0.5) * 2
-_WIN = 24  # objects are small: each is drawn in a 24×24 window around its center, not over the whole image
+_WIN = 28  # each object is drawn in a window around its center (a large diamond's tips are 1.13 r away), not the image
 _WIN_RANGE = np.arange(_WIN)
 
 
