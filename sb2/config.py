@@ -16,6 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
+def _names_unique(items: list, what: str) -> list:
+    names = [item.name for item in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} names must be unique: {names}")
+    return items
+
+
 class ConfigError(ValueError):
     """A user error in a config: the message is one line naming the key."""
 
@@ -486,10 +493,7 @@ class PromptsConfig(_Strict):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, v: list[PromptSourceConfig]) -> list[PromptSourceConfig]:
-        names = [s.name for s in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"source names must be unique: {names}")
-        return v
+        return _names_unique(v, "source")
 
 
 class Config(_Strict):
@@ -515,10 +519,7 @@ class Config(_Strict):
     @field_validator("rewards")
     @classmethod
     def _unique_rewards(cls, v: list[RewardConfig]) -> list[RewardConfig]:
-        names = [r.name for r in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"reward names must be unique: {names}")
-        return v
+        return _names_unique(v, "reward")
 
     @field_validator("profile")
     @classmethod
