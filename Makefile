@@ -8,7 +8,7 @@ KUBECTL := $(VENV)/bin/kubectl
 
 IMAGE ?= ghcr.io/sb2-project/sb2:latest
 
-.PHONY: install test demo remote lint clean image push pipeline
+.PHONY: install test demo pipeline-demo remote lint clean image push pipeline
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,16 @@ install: $(STAMP) $(KUBECTL)
 test: $(STAMP) $(KUBECTL)
 	$(PY) -m pytest -q
 
-# The main job on CPU: the whole DVC pipeline on params.yaml (tiny profile): build the prompt set from the samples,
-# train both branches, merge, evaluate (FID, precision/recall, CLIP, HPS with the tiny judges), sweep λ, generate a
-# grid and register the merged model in MLflow (a SQLite store in the project unless MLFLOW_TRACKING_URI is set).
+# The main job on CPU (issue #3): the committed mini-world (data/miniworld). Distills its teacher into both branches
+# for a short schedule (the library's own train()), merges them (λ = 0.5), scores teacher (cfg 4.5), Turbo analog,
+# A, B and the merge with the mini-world judges, prints the table and writes a teacher-vs-student grid.
 demo: $(STAMP)
+	$(SB2) miniworld demo --out local_outputs/miniworld/demo
+
+# The local DVC pipeline on params.yaml (tiny profile): build the prompt set from the samples, train both branches,
+# merge, evaluate (FID, precision/recall, CLIP, HPS with the tiny judges), sweep λ, generate a grid and register the
+# merged model in MLflow (a SQLite store in the project unless MLFLOW_TRACKING_URI is set).
+pipeline-demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
 	@echo

@@ -1,22 +1,100 @@
-"""`sb2 miniworld bench`: the paper's tables in miniature, scored by the evaluation stage's own code with the
-mini-world judges (``miniworld`` profile): FID, precision, recall, CLIP score — and alignment accuracy from the
-attribute judge — on the evaluation captions, mean ± std over seeds.
+"""`sb2 miniworld bench` and `sb2 miniworld demo`: the paper's tables in miniature, in the committed mini-world.
 
-Rows so far: the teacher at 25 DDIM steps with cfg 2, 4.5 and 7.5 (Table 1's teacher), the Turbo analog (one step),
-and any trained student given as ``NAME=PATH`` (a UNet, LoRA or merged folder). Training the rows of Tables 2, 5, 6 and
-the λ sweep (Figs. 3, 7) is not wired in yet: train them with ``sb2 train -p miniworld`` and pass them here.
+Every student is trained by the library's own :func:`sb2.train.loop.train` on the ``miniworld`` profile plus the
+overrides of its row (no training code here), merged by :func:`sb2.merge.merge_weights`, and scored by the evaluation
+stage's own code with the mini-world judges: FID, precision, recall, CLIP score, and alignment accuracy from the
+attribute judge, on the evaluation captions, mean ± std over evaluation (noise) seeds. Each student is trained once.
+
+Rows (``ROWS``), grouped as the paper's tables: the teacher at 25 DDIM steps with cfg 2, 4.5, 7.5 (Table 1); the
+Turbo analog, SwiftBrush from the teacher, SwiftBrush from the Turbo analog (Table 2); branch A (full, VSD) and
+branch B (LoRA) with no, naive, clamped, and clamped + scheduled CLIP loss (Tables 5, 6); A+B merged at λ = 0.5 (the
+paper's choice), at the λ of best FID in the sweep, and both branches with real-image regularization (Figs. 3, 7).
+Rows run in an order that finishes the target's rows first, and the table is rewritten after each, so a run cut by
+a time limit still leaves one (``--budget-s`` skips what would start past it).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
-from dataclasses import dataclass
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from sb2.miniworld import world
+
+SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
+
+# name → (group, scheme, config overrides); the B rows differ only in clip_loss (paper Table 6).
+STUDENTS: dict[str, tuple[str, str, list[str]]] = {
+    "A": ("full", "full", []),
+    "B": ("lora", "lora", []),  # clamped + linear schedule to 0: the config's default CLIP loss
+    "sb_teacher_init": ("full", "full", ["models.student={teacher}/unet"]),
+    "B_no_clip": ("lora", "lora", ["clip_loss.enabled=false"]),
+    "B_naive": ("lora", "lora", ["clip_loss.clamp=false", "clip_loss.schedule=constant"]),
+    "B_clamped": ("lora", "lora", ["clip_loss.schedule=constant"]),
+    "A_reg": ("full", "full", ["regularization.enabled=true", "regularization.source={reg}"]),
+    "B_reg": ("lora", "lora", ["regularization.enabled=true", "regularization.source={reg}"]),
+}
+
+# Table rows: (table, label, what is scored). Labels are the keys of results.json's "rows".
+ROWS: list[tuple[str, str, str]] = [
+    ("Table 1: the teacher (multi-step, DDIM)", "teacher, cfg 2", "teacher:2.0"),
+    ("Table 1: the teacher (multi-step, DDIM)", "teacher, cfg 4.5", "teacher:4.5"),
+    ("Table 1: the teacher (multi-step, DDIM)", "teacher, cfg 7.5", "teacher:7.5"),
+    ("Table 2: initialization", "Turbo analog (1 step)", "turbo"),
+    ("Table 2: initialization", "SwiftBrush (VSD, teacher init)", "student:sb_teacher_init"),
+    ("Table 2: initialization", "SwiftBrush (VSD, Turbo init) = A", "student:A"),
+    ("Tables 5, 6: the two branches", "A: full, VSD", "student:A"),
+    ("Tables 5, 6: the two branches", "B: LoRA, no CLIP loss", "student:B_no_clip"),
+    ("Tables 5, 6: the two branches", "B: LoRA, naive CLIP loss", "student:B_naive"),
+    ("Tables 5, 6: the two branches", "B: LoRA, clamped CLIP loss", "student:B_clamped"),
+    ("Tables 5, 6: the two branches", "B: LoRA, clamped + schedule (B)", "student:B"),
+    ("Merged (eq. 6, Figs. 3, 7)", "merged A+B, λ = 0.5", "merge:A:B:0.5"),
+    ("Merged (eq. 6, Figs. 3, 7)", "merged A+B, λ* (best sweep FID)", "merge:A:B:best"),
+    ("Merged (eq. 6, Figs. 3, 7)", "merged A+B with regularization, λ = 0.5", "merge:A_reg:B_reg:0.5"),
+]
+DEMO_ROWS = ["teacher, cfg 4.5", "Turbo analog (1 step)", "A: full, VSD", "B: LoRA, clamped + schedule (B)",
+             "merged A+B, λ = 0.5"]
+# The order of work: the target's rows first, then the sweep, then the ablations.
+ORDER = ["teacher, cfg 4.5", "teacher, cfg 2", "teacher, cfg 7.5", "Turbo analog (1 step)", "A: full, VSD",
+         "B: LoRA, clamped + schedule (B)", "merged A+B, λ = 0.5", "sweep", "merged A+B, λ* (best sweep FID)",
+         "SwiftBrush (VSD, teacher init)", "SwiftBrush (VSD, Turbo init) = A", "B: LoRA, no CLIP loss", "B: LoRA, naive CLIP loss",
+         "B: LoRA, clamped CLIP loss", "merged A+B with regularization, λ = 0.5"]
+
+
+@dataclass
+class Plan:
+    """Sizes of one bench run; ``full()`` for a GPU, ``quick()`` for tests, ``demo()`` for `make demo` on CPU."""
+
+    num_captions: int = 2048
+    seeds: tuple[int, ...] = (0, 1, 2)
+    teacher_steps: int = 25
+    train_steps: int = 400
+    batch_size: int = 64
+    lambdas: tuple[float, ...] = SWEEP
+    sweep_seeds: int = 3  # the first this many of ``seeds`` score each λ of the sweep
+    reg_pairs: int = 4000  # real training-split pairs rendered for the regularization (share 5% of the steps)
+    grid_captions: int = 8
+    rows: list[str] = field(default_factory=lambda: [label for _, label, _ in ROWS])
+    sweep: bool = True
+    budget_s: float | None = None  # no new row starts past this many seconds
+    student_lr: float | None = None  # optim.student_lr of every student (null: the profile's)
+    name: str = "bench"
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(num_captions=16, seeds=(0, 1), teacher_steps=1, train_steps=1, batch_size=2,
+                   lambdas=(0.0, 0.5, 1.0), sweep_seeds=1, reg_pairs=8, grid_captions=4, name="quick")
+
+    @classmethod
+    def demo(cls) -> Plan:
+        return cls(num_captions=192, seeds=(0,), teacher_steps=25, train_steps=30, batch_size=16, sweep=False,
+                   rows=list(DEMO_ROWS), grid_captions=8, name="demo")
 
 
 @dataclass
@@ -49,70 +127,251 @@ class _Collector:
         self.images.append(images.cpu())
 
 
-def bench(out: str | Path, quick: bool = False, device: str | None = None, seeds: tuple[int, ...] = (0, 1, 2),
-          students: dict[str, str] | None = None, world_dir: str | Path | None = None) -> dict:
-    from sb2.config import load_config
-    from sb2.evaluation.evaluate import default_device, load_judges, protocol_metrics, write_json
-    from sb2.evaluation.reference import reference_for
-    from sb2.evaluation.timing import PhaseTimer
-    from sb2.generation.generator import OneStepGenerator
-    from sb2.miniworld.captions import write_reference_images
-    from sb2.miniworld.judges import alignment, load_judge, world_root
+def write_regularization_folder(out: Path, n: int, seed: int = 0) -> Path:
+    """``n`` real training-split pairs as ``000000.png`` + ``000000.txt``: the regularization source."""
+    from PIL import Image
 
-    device = default_device(device)
-    root = Path(world_dir) if world_dir else world_root()
-    out = Path(out)
-    n = 32 if quick else 2048
-    steps = 2 if quick else 25
-    ref_images = out / f"reference_{n}"
-    if not ref_images.is_dir():
-        write_reference_images(ref_images, num_eval=n)
-    overrides = [f"models.{k}={root / v}" for k, v in (("teacher", "teacher"), ("student", "turbo"),
-                                                        ("tiny_vae", "tiny_vae"), ("clip", "clip"))]
-    overrides += [f"evaluate.num_captions={n}", f"evaluate.reference_images={ref_images}",
-                  f"evaluate.reference_dir={out / f'reference_features_{n}'}", "evaluate.dtype=float32",
-                  f"evaluate.clip_score.model={root / 'judges' / 'clip'}", "evaluate.batch_size=256"]
-    cfg = load_config("miniworld", overrides)
-    ecfg = cfg.evaluate
-    import os
+    out.mkdir(parents=True, exist_ok=True)
+    images, captions, _ = world.make_pairs(seed, "train", n)
+    for i, (im, c) in enumerate(zip(images, captions)):
+        Image.fromarray(im).save(out / f"{i:06d}.png")
+        (out / f"{i:06d}.txt").write_text(c)
+    return out
 
-    os.environ["SB2_MINIWORLD"] = str(root)  # where the feature judge (kind: module) loads from
-    judges = load_judges(ecfg, device, metrics=["fid", "precision_recall", "clip_score"])
-    reference = reference_for(ecfg, judges, device, ["fid", "precision_recall"])
-    attributes = load_judge(root / "judges" / "attributes").to(device)
-    scenes = world.sample_scenes(0, "eval", n)
-    captions = world.captions(scenes)
 
-    teacher = OneStepGenerator.from_pipeline(root / "teacher", device=device)
-    rows = {f"teacher, {steps} steps, cfg {g}": MultiStepGenerator(teacher, steps, g) for g in (2.0, 4.5, 7.5)}
-    rows["turbo analog, 1 step"] = OneStepGenerator.load(root / "turbo", cfg, device=device)
-    for name, path in (students or {}).items():
-        rows[name] = OneStepGenerator.load(path, cfg, device=device)
+class Bench:
+    """The state of one run: judges, reference, trained students, scores; ``record()`` is results.json."""
 
-    results: dict[str, dict] = {}
-    for name, gen in rows.items():
-        runs = []
+    def __init__(self, out: Path, work: Path, plan: Plan, device: str, root: Path):
+        import os
+
+        from sb2.config import load_config
+        from sb2.evaluation.evaluate import load_judges
+        from sb2.evaluation.reference import reference_for
+        from sb2.miniworld.captions import write_reference_images
+        from sb2.miniworld.judges import load_judge
+
+        self.out, self.work, self.plan, self.device, self.root = out, work, plan, device, root
+        self.t0 = time.perf_counter()
+        n = plan.num_captions
+        ref_images = work / f"reference_{n}"
+        if not ref_images.is_dir():
+            write_reference_images(ref_images, num_eval=n)
+        models = [f"models.{k}={root / v}" for k, v in (("teacher", "teacher"), ("student", "turbo"),
+                                                         ("tiny_vae", "tiny_vae"), ("clip", "clip"))]
+        self.base_overrides = models + [f"train.prompts={root / 'prompts.txt'}"]
+        self.cfg = load_config("miniworld", self.base_overrides + [
+            f"evaluate.num_captions={n}", f"evaluate.reference_images={ref_images}",
+            f"evaluate.reference_dir={work / f'reference_features_{n}'}", "evaluate.dtype=float32",
+            f"evaluate.clip_score.model={root / 'judges' / 'clip'}", "evaluate.batch_size=256"])
+        os.environ["SB2_MINIWORLD"] = str(root)  # where the feature judge (kind: module) loads from
+        self.judges = load_judges(self.cfg.evaluate, device, metrics=["fid", "precision_recall", "clip_score"])
+        self.reference = reference_for(self.cfg.evaluate, self.judges, device, ["fid", "precision_recall"])
+        self.attributes = load_judge(root / "judges" / "attributes").to(device)
+        self.scenes = world.sample_scenes(0, "eval", n)
+        self.captions = world.captions(self.scenes)
+        self.students: dict[str, Path] = {}
+        self.rows: dict[str, dict] = {}
+        self.train_info: dict[str, dict] = {}
+        self.sweep: list[dict] = []
+        self.skipped: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.failed_students: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+        self.setup_s = time.perf_counter() - self.t0
+
+    # --- models -----------------------------------------------------------------------------------------------
+    def student(self, name: str) -> Path:
+        """Train the student of ``STUDENTS[name]`` once (the library's train(), the profile + the row's overrides)."""
+        if name in self.students:
+            return self.students[name]
+        if name in self.failed_students:
+            raise RuntimeError(f"student {name} failed to train: {self.failed_students[name]}")
+        from sb2.config import load_config
+        from sb2.train.loop import train
+
+        _, scheme, extra = STUDENTS[name]
+        reg = self.work / f"regularization_{self.plan.reg_pairs}"
+        if any("{reg}" in o for o in extra) and not reg.is_dir():
+            write_regularization_folder(reg, self.plan.reg_pairs)
+        extra = [o.format(teacher=self.root / "teacher", reg=reg) for o in extra]
+        p = self.plan
+        overrides = self.base_overrides + [
+            f"train.steps={p.train_steps}", f"train.batch_size={p.batch_size}", "tracking.enabled=false",
+            "tracking.image_every=0", f"checkpoint.every={p.train_steps}", "checkpoint.resume=false"] + extra
+        if p.student_lr is not None:
+            overrides.append(f"optim.student_lr={p.student_lr}")
+        cfg = load_config("miniworld", overrides)
+        run_dir = self.work / "students" / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t = time.perf_counter()
+        try:
+            self.students[name] = train(cfg, scheme, run_dir, progress=False)
+        except Exception as e:
+            self.failed_students[name] = f"{type(e).__name__}: {e}"
+            raise
+        seconds = time.perf_counter() - t
+        final = json.loads((run_dir / "train.json").read_text()).get("final", {})
+        self.train_info[name] = {"scheme": scheme, "overrides": extra, "steps": p.train_steps,
+                                 "student_lr": cfg.optim.student_lr,
+                                 "batch_size": p.batch_size, "seconds": round(seconds, 1),
+                                 "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}}
+        print(f"[{self.elapsed():6.0f} s] trained {name} ({scheme}, {p.train_steps} steps × {p.batch_size}) in "
+              f"{seconds:.1f} s", flush=True)
+        return self.students[name]
+
+    def generator(self, what: str):
+        """A generator for a row's ``what``: teacher:<cfg>, turbo, student:<name>, merge:<a>:<b>:<λ>."""
+        from sb2.generation.generator import OneStepGenerator
+
+        kind, *args = what.split(":")
+        if kind == "teacher":
+            base = OneStepGenerator.from_pipeline(self.root / "teacher", device=self.device)
+            return MultiStepGenerator(base, self.plan.teacher_steps, float(args[0]))
+        if kind == "turbo":
+            return OneStepGenerator.load(self.root / "turbo", self.cfg, device=self.device)
+        if kind == "student":
+            return OneStepGenerator.load(self.student(args[0]), self.cfg, device=self.device)
+        a, b, lam = args
+        lam = self.best_lambda() if lam == "best" else float(lam)
+        gen = OneStepGenerator.load(self.student(a), self.cfg, device=self.device)
+        gen.unet.load_state_dict(self.merged_state(a, b, lam))
+        return gen
+
+    def merged_state(self, a: str, b: str, lam: float) -> dict:
+        from sb2.merge import merge_weights
+        from sb2.models.loading import load_one_step_unet
+
+        key = (a, b)
+        if getattr(self, "_states", (None,))[0] != key:
+            self._states = (key, load_one_step_unet(self.student(a), self.cfg.models).state_dict(),
+                            load_one_step_unet(self.student(b), self.cfg.models).state_dict())
+        return merge_weights(self._states[1], self._states[2], lam)
+
+    def best_lambda(self) -> float:
+        if not self.sweep:
+            raise RuntimeError("λ* needs the sweep")
+        return min(self.sweep, key=lambda r: r["fid"]["mean"])["lambda"]
+
+    # --- scoring ----------------------------------------------------------------------------------------------
+    def score(self, gen, seeds) -> dict:
+        from sb2.evaluation.evaluate import protocol_metrics
+        from sb2.evaluation.timing import PhaseTimer
+        from sb2.miniworld.judges import alignment
+
+        ecfg, runs = self.cfg.evaluate, []
         for s in seeds:
             ecfg.seed = 100_000 * s
             collector = _Collector()
-            m = protocol_metrics(gen, captions, judges, reference, ecfg, PhaseTimer(device), collector, progress=False)
-            m["alignment"] = alignment(attributes, torch.cat(collector.images), scenes)
+            m = protocol_metrics(gen, self.captions, self.judges, self.reference, ecfg, PhaseTimer(self.device),
+                                 collector, progress=False)
+            m["alignment"] = alignment(self.attributes, torch.cat(collector.images), self.scenes)
             runs.append(m)
-            print(f"{name} seed {s}: {json.dumps(m)}", flush=True)
-        results[name] = {k: {"mean": statistics.fmean(r[k] for r in runs),
-                             "std": statistics.pstdev([r[k] for r in runs]) if len(runs) > 1 else 0.0}
-                         for k in runs[0]}
-    record = {"num_captions": n, "seeds": list(seeds), "world": str(root), "rows": results}
-    write_json(out / "results.json", record)
-    (out / "results.md").write_text(results_markdown(record))
-    return record
+        return {k: {"mean": statistics.fmean(r[k] for r in runs),
+                    "std": statistics.pstdev([r[k] for r in runs]) if len(runs) > 1 else 0.0,
+                    "runs": [r[k] for r in runs]} for k in runs[0]}
+
+    def run_row(self, label: str) -> None:
+        what = {lab: w for _, lab, w in ROWS}[label]
+        t = time.perf_counter()
+        same = [lab for lab, r in self.rows.items() if r["what"] == what]
+        if same:  # one model in two tables (SwiftBrush from Turbo is branch A): scored once
+            self.rows[label] = dict(self.rows[same[0]])
+        else:
+            gen = self.generator(what)
+            self.rows[label] = {"what": what, **self.score(gen, self.plan.seeds)}
+            if what.endswith(":best"):
+                self.rows[label]["lambda"] = self.best_lambda()
+        self.timings[label] = round(time.perf_counter() - t, 1)
+        r = self.rows[label]
+        print(f"[{self.elapsed():6.0f} s] {label}: FID {r['fid']['mean']:.4g}, precision {r['precision']['mean']:.3f}, "
+              f"recall {r['recall']['mean']:.3f}, CLIP {r['clip_score']['mean']:.4f}, alignment "
+              f"{r['alignment']['mean']:.3f} ({self.timings[label]} s with training)", flush=True)
+
+    def run_sweep(self) -> None:
+        t = time.perf_counter()
+        gen = self.generator("student:A")
+        seeds = self.plan.seeds[:self.plan.sweep_seeds]
+        for lam in self.plan.lambdas:
+            gen.unet.load_state_dict(self.merged_state("A", "B", lam))
+            self.sweep.append({"lambda": lam, **self.score(gen, seeds)})
+            print(f"[{self.elapsed():6.0f} s] sweep λ = {lam}: FID {self.sweep[-1]['fid']['mean']:.4g}", flush=True)
+        self.timings["sweep"] = round(time.perf_counter() - t, 1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def record(self) -> dict:
+        p = self.plan
+        from sb2.evaluation.timing import device_name
+
+        return {"plan": p.name, "num_captions": p.num_captions, "seeds": list(p.seeds),
+                "device": device_name(self.device),
+                "teacher_steps": p.teacher_steps, "train_steps": p.train_steps, "batch_size": p.batch_size,
+                "student_lr": next((t["student_lr"] for t in self.train_info.values()), p.student_lr),
+                "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "world": str(self.root),
+                "rows": self.rows, "tables": [[t, lab] for t, lab, _ in ROWS if lab in self.rows],
+                "sweep": self.sweep, "students": self.train_info, "skipped": self.skipped, "failed": self.failed,
+                "seconds": {"setup": round(self.setup_s, 1), **self.timings, "total": round(self.elapsed(), 1)}}
 
 
-def results_markdown(record: dict) -> str:
-    keys = ("fid", "precision", "recall", "clip_score", "alignment")
-    lines = [f"# Mini-world benchmark ({record['num_captions']} evaluation captions, seeds {record['seeds']})", "",
-             "FID in the units of judges/features; mean ± std over seeds.", "",
-             "| model | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
-    for name, r in record["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]['mean']:.4g} ± {r[k]['std']:.2g}" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+def grid_images(gen, captions: list[str], seeds: list[int]) -> torch.Tensor:
+    from sb2.evaluation.stream import generate_uint8
+
+    return torch.cat([im.cpu() for _, _, im in generate_uint8(gen, captions, seeds, len(captions))])
+
+
+def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path | None = None,
+        world_dir: str | Path | None = None) -> dict:
+    """Run ``plan``: results.json, results.md, lambda_sweep.png and samples.png in ``out``; the students and the
+    reference images in ``work``."""
+    from sb2.evaluation.evaluate import default_device, write_json
+    from sb2.miniworld.judges import world_root
+    from sb2.miniworld.report import plot_sweep, results_markdown, save_samples
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(world_dir).resolve() if world_dir else world_root().resolve()
+    work = Path(work) if work else Path("local_outputs/miniworld") / plan.name  # git-ignored: students, references
+    b = Bench(out, work, plan, default_device(device), root)
+    print(f"[{b.elapsed():6.0f} s] set up (reference features, judges) on {b.device}", flush=True)
+
+    def save() -> dict:
+        record = b.record()
+        write_json(out / "results.json", record)
+        (out / "results.md").write_text(results_markdown(record))
+        return record
+
+    assert set(ORDER) == {label for _, label, _ in ROWS} | {"sweep"}
+    for label in ORDER:
+        wanted = plan.sweep if label == "sweep" else label in plan.rows
+        if label.startswith("merged A+B, λ*") and not b.sweep:
+            wanted = False  # no sweep ran (or it failed): there is no λ*
+        if not wanted:
+            continue
+        if plan.budget_s is not None and b.elapsed() > plan.budget_s:
+            b.skipped.append(label)
+            print(f"[{b.elapsed():6.0f} s] skipped {label}: past the budget of {plan.budget_s} s", flush=True)
+            continue
+        try:
+            if label == "sweep":
+                b.run_sweep()
+                plot_sweep(b.sweep, out / "lambda_sweep.png", b.rows)
+            else:
+                b.run_row(label)
+        except Exception as e:  # noqa: BLE001 — one failed row (a diverged student, say) must not cost the rest
+            traceback.print_exc()
+            b.failed[label] = f"{type(e).__name__}: {e}"
+            save()
+            continue
+        if label == "merged A+B, λ = 0.5":
+            captions = b.captions[:plan.grid_captions]
+            seeds = list(range(len(captions)))
+            rows = [(lab, what) for lab, what in (("teacher, cfg 4.5", "teacher:4.5"), ("Turbo analog", "turbo"),
+                                                   ("A", "student:A"), ("B", "student:B"),
+                                                   ("merged λ = 0.5", "merge:A:B:0.5"))
+                    if plan.name == "demo" or lab in ("teacher, cfg 4.5", "Turbo analog", "merged λ = 0.5")]
+            save_samples([(lab, grid_images(b.generator(what), captions, seeds)) for lab, what in rows], captions,
+                         out / "samples.png")
+        save()
+    return save()

@@ -86,16 +86,56 @@ def reference(
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/miniworld"),
-    quick: Annotated[bool, typer.Option(help="32 captions, 2 teacher steps (CPU).")] = False,
-    seeds: Annotated[int, typer.Option(help="Number of seeds.")] = 3,
-    student: Annotated[list[str] | None, typer.Option(help="NAME=PATH of a trained student (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: results.md/json, lambda_sweep.png, samples.png.")] = Path(
+        "results/miniworld"),
+    work: Annotated[Path | None, typer.Option(help="Folder for the students and reference images "
+                                                   "(default: local_outputs/miniworld/bench).")] = None,
+    quick: Annotated[bool, typer.Option(help="CPU smoke run: 16 captions, 1 training step; numbers mean nothing.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Training steps of each student (default 400).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size (default 64).")] = None,
+    captions: Annotated[int | None, typer.Option(help="Evaluation captions (default 2048).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Evaluation (noise) seeds per model (default 3).")] = None,
+    sweep_seeds: Annotated[int | None, typer.Option(help="Seeds per λ of the sweep (default 3).")] = None,
+    budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
+    lr: Annotated[float | None, typer.Option(help="optim.student_lr of every student (default: the profile's).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
 ):
-    """Score the teacher (25 steps, cfg 2/4.5/7.5), the Turbo analog and given students with the mini-world judges:
-    results.md and results.json in --out."""
-    from sb2.miniworld.bench import bench as run
+    """Train every student of the paper's Tables 2, 5, 6 with the library's train(), merge, sweep λ, and score them
+    and the teacher (cfg 2/4.5/7.5) and the Turbo analog with the mini-world judges (mean ± std over seeds)."""
+    from sb2.miniworld.bench import Plan, run
 
-    students = dict(s.split("=", 1) for s in (student or []))
-    record = run(out, quick=quick, device=device, seeds=tuple(range(seeds)), students=students)
-    typer.echo(f"{len(record['rows'])} rows written to {out / 'results.md'}")
+    plan = Plan.quick() if quick else Plan()
+    for name, value in (("train_steps", steps), ("batch_size", batch_size), ("num_captions", captions),
+                        ("sweep_seeds", sweep_seeds), ("budget_s", budget_s), ("student_lr", lr)):
+        if value is not None:
+            setattr(plan, name, value)
+    if seeds is not None:
+        plan.seeds = tuple(range(seeds))
+    record = run(out, plan, device=device, work=work)
+    typer.echo(f"{len(record['rows'])} rows in {record['seconds']['total']:.0f} s written to {out / 'results.md'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("local_outputs/miniworld/demo"),
+    steps: Annotated[int | None, typer.Option(help="Training steps of each branch (default 30).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size (default 16).")] = None,
+    captions: Annotated[int | None, typer.Option(help="Evaluation captions (default 192).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu).")] = "cpu",
+):
+    """`make demo`: distill the committed teacher into both branches for a short schedule, merge (λ = 0.5), score
+    teacher (cfg 4.5), Turbo analog, A, B and the merge with the judges; print the table, write samples.png."""
+    from sb2.miniworld.bench import Plan, run
+    from sb2.miniworld.report import KEYS
+
+    plan = Plan.demo()
+    for name, value in (("train_steps", steps), ("batch_size", batch_size), ("num_captions", captions)):
+        if value is not None:
+            setattr(plan, name, value)
+    record = run(out, plan, device=device)
+    typer.echo("")
+    typer.echo(f"{'model':<36}" + "".join(f"{h:>14}" for _, h in KEYS))
+    for label, r in record["rows"].items():
+        typer.echo(f"{label:<36}" + "".join(f"{r[k]['mean']:>14.4g}" for k, _ in KEYS))
+    typer.echo(f"\n{record['seconds']['total']:.0f} s. Table: {out / 'results.md'}; teacher vs students: "
+               f"{out / 'samples.png'} (captions in samples.txt)")

@@ -1,0 +1,48 @@
+"""`sb2 miniworld bench --quick`: every row of the paper's tables is trained (the library's train()), merged and scored
+on the committed mini-world; the table, the λ-sweep plot and the sample grid are written, and every number is finite."""
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+from sb2.miniworld.bench import ROWS, STUDENTS
+from sb2.miniworld.cli import app
+
+
+def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--out", str(out),
+                                      "--work", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())
+    assert [label for _, label in record["tables"]] == [label for _, label, _ in ROWS]
+    assert set(record["students"]) == set(STUDENTS)
+    assert [r["lambda"] for r in record["sweep"]] == [0.0, 0.5, 1.0]
+    for row in [*record["rows"].values(), *record["sweep"]]:
+        for key in ("fid", "precision", "recall", "clip_score", "alignment"):
+            assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["std"]), key
+    # One model in two tables is one set of scores; a merge at λ = 1 is model A exactly.
+    rows = record["rows"]
+    assert rows["SwiftBrush (VSD, Turbo init) = A"]["fid"] == rows["A: full, VSD"]["fid"]
+    assert record["sweep"][-1]["fid"]["runs"][0] == rows["A: full, VSD"]["fid"]["runs"][0]
+    md = (out / "results.md").read_text()
+    assert "QUICK" in md and "## Target" in md and all(label in md for _, label, _ in ROWS)
+    assert (out / "lambda_sweep.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
+
+
+def _row(fid, recall, alignment):
+    m = lambda v: {"mean": v, "std": 0.0}
+    return {"fid": m(fid), "precision": m(0.9), "recall": m(recall), "clip_score": m(0.3), "alignment": m(alignment)}
+
+
+def test_target_compares_with_the_best_teacher_fid_the_cfg_4_5_alignment_and_the_turbo_recall():
+    from sb2.miniworld.report import target_section
+
+    rows = {"teacher, cfg 2": _row(100.0, 0.5, 0.10), "teacher, cfg 4.5": _row(120.0, 0.4, 0.20),
+            "Turbo analog (1 step)": _row(150.0, 0.3, 0.15),
+            "merged A+B, λ = 0.5": _row(99.0, 0.31, 0.20),  # beats cfg 2's FID, ties cfg 4.5's alignment
+            "merged A+B with regularization, λ = 0.5": _row(101.0, 0.6, 0.9)}  # FID between the teachers': no
+    text = "\n".join(target_section(rows))
+    assert "**merged A+B, λ = 0.5: met**" in text and "(teacher, cfg 2)" in text
+    assert "**merged A+B with regularization, λ = 0.5: NOT met** — no: FID 101" in text
