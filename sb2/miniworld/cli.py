@@ -98,6 +98,8 @@ def bench(
     sweep_seeds: Annotated[int | None, typer.Option(help="Seeds per λ of the sweep (default 3).")] = None,
     budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
     lr: Annotated[float | None, typer.Option(help="optim.student_lr of every student (default: the profile's).")] = None,
+    world: Annotated[Path | None, typer.Option(help="The mini-world's folder (default: data/miniworld of the "
+                                                    "checkout, or SB2_MINIWORLD).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
 ):
     """Train every student of the paper's Tables 2, 5, 6 with the library's train(), merge, sweep λ, and score them
@@ -111,7 +113,7 @@ def bench(
             setattr(plan, name, value)
     if seeds is not None:
         plan.seeds = tuple(range(seeds))
-    record = run(out, plan, device=device, work=work)
+    record = run(out, plan, device=device, work=work, world_dir=world)
     typer.echo(f"{len(record['rows'])} rows in {record['seconds']['total']:.0f} s written to {out / 'results.md'}")
 
 
