@@ -83,7 +83,10 @@ class Plan:
     rows: list[str] = field(default_factory=lambda: [label for _, label, _ in ROWS])
     sweep: bool = True
     budget_s: float | None = None  # no new row starts past this many seconds
-    student_lr: float | None = None  # optim.student_lr of every student (null: the profile's)
+    # optim.student_lr of the full-scheme and of the LoRA-scheme students (null: the profile's): all weights of a
+    # small UNet move far faster than a LoRA, so the two branches want different rates (measured: README, benchmark)
+    full_lr: float | None = None
+    lora_lr: float | None = None
     name: str = "bench"
 
     @classmethod
@@ -199,8 +202,9 @@ class Bench:
         overrides = self.base_overrides + [
             f"train.steps={p.train_steps}", f"train.batch_size={p.batch_size}", "tracking.enabled=false",
             "tracking.image_every=0", f"checkpoint.every={p.train_steps}", "checkpoint.resume=false"] + extra
-        if p.student_lr is not None:
-            overrides.append(f"optim.student_lr={p.student_lr}")
+        lr = p.full_lr if scheme == "full" else p.lora_lr
+        if lr is not None:
+            overrides.append(f"optim.student_lr={lr}")
         cfg = load_config("miniworld", overrides)
         run_dir = self.work / "students" / name
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -308,7 +312,8 @@ class Bench:
         return {"plan": p.name, "num_captions": p.num_captions, "seeds": list(p.seeds),
                 "device": device_name(self.device),
                 "teacher_steps": p.teacher_steps, "train_steps": p.train_steps, "batch_size": p.batch_size,
-                "student_lr": next((t["student_lr"] for t in self.train_info.values()), p.student_lr),
+                "student_lr": {scheme: next((t["student_lr"] for t in self.train_info.values()
+                                             if t["scheme"] == scheme), None) for scheme in ("full", "lora")},
                 "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "world": str(self.root),
                 "rows": self.rows, "tables": [[t, lab] for t, lab, _ in ROWS if lab in self.rows],
                 "sweep": self.sweep, "students": self.train_info, "skipped": self.skipped, "failed": self.failed,

@@ -97,7 +97,10 @@ def bench(
     seeds: Annotated[int | None, typer.Option(help="Evaluation (noise) seeds per model (default 3).")] = None,
     sweep_seeds: Annotated[int | None, typer.Option(help="Seeds per λ of the sweep (default 3).")] = None,
     budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
-    lr: Annotated[float | None, typer.Option(help="optim.student_lr of every student (default: the profile's).")] = None,
+    lr_full: Annotated[float | None, typer.Option(help="optim.student_lr of the full-scheme students "
+                                                       "(default: the profile's).")] = None,
+    lr_lora: Annotated[float | None, typer.Option(help="optim.student_lr of the LoRA students "
+                                                       "(default: the profile's).")] = None,
     world: Annotated[Path | None, typer.Option(help="The mini-world's folder (default: data/miniworld of the "
                                                     "checkout, or SB2_MINIWORLD).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
@@ -108,7 +111,8 @@ def bench(
 
     plan = Plan.quick() if quick else Plan()
     for name, value in (("train_steps", steps), ("batch_size", batch_size), ("num_captions", captions),
-                        ("sweep_seeds", sweep_seeds), ("budget_s", budget_s), ("student_lr", lr)):
+                        ("sweep_seeds", sweep_seeds), ("budget_s", budget_s), ("full_lr", lr_full),
+                        ("lora_lr", lr_lora)):
         if value is not None:
             setattr(plan, name, value)
     if seeds is not None:
@@ -134,7 +138,7 @@ def demo(
     for name, value in (("train_steps", steps), ("batch_size", batch_size), ("num_captions", captions)):
         if value is not None:
             setattr(plan, name, value)
-    record = run(out, plan, device=device)
+    record = run(out, plan, device=device, work=out)
     typer.echo("")
     typer.echo(f"{'model':<36}" + "".join(f"{h:>14}" for _, h in KEYS))
     for label, r in record["rows"].items():

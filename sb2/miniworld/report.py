@@ -21,7 +21,8 @@ def results_markdown(record: dict) -> str:
     lines = [f"# {title}", "",
              (f"{record['num_captions']} evaluation captions (one image each), evaluation seeds {record['seeds']}: "
              f"mean ± std over those noise seeds; **each student is trained once** (seed 0, "
-             f"{record['train_steps']} steps × batch {record['batch_size']}, student lr {record['student_lr']}, "
+             f"{record['train_steps']} steps × batch {record['batch_size']}, student lr {record['student_lr']['full']} (full) / "
+             f"{record['student_lr']['lora']} (LoRA), "
              "`sb2.train.loop.train` on the "
              f"`miniworld` profile plus the row's overrides; see `students` in results.json). Teacher: "
              f"{record['teacher_steps']} DDIM steps. FID is in the units of the mini-world feature judge "
