@@ -97,7 +97,7 @@ class Plan:
     @classmethod
     def demo(cls) -> Plan:
         return cls(num_captions=192, seeds=(0,), teacher_steps=25, train_steps=30, batch_size=16, sweep=False,
-                   rows=list(DEMO_ROWS), grid_captions=8, name="demo")
+                   rows=list(DEMO_ROWS), grid_captions=8, full_lr=1e-6, name="demo")
 
 
 @dataclass
