@@ -84,8 +84,9 @@ class Plan:
     sweep: bool = True
     budget_s: float | None = None  # no new row starts past this many seconds
     # optim.student_lr of the full-scheme and of the LoRA-scheme students (null: the profile's): all weights of a
-    # small UNet move far faster than a LoRA, so the two branches want different rates (measured: README, benchmark)
-    full_lr: float | None = None
+    # small UNet move far faster than a LoRA, so the two branches want different rates (measured: README, benchmark;
+    # full VSD collapsed at the profile's 1e-5 and worked at the paper's 1e-6)
+    full_lr: float | None = 1e-6
     lora_lr: float | None = None
     name: str = "bench"
 

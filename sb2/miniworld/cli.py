@@ -98,7 +98,7 @@ def bench(
     sweep_seeds: Annotated[int | None, typer.Option(help="Seeds per λ of the sweep (default 3).")] = None,
     budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
     lr_full: Annotated[float | None, typer.Option(help="optim.student_lr of the full-scheme students "
-                                                       "(default: the profile's).")] = None,
+                                                       "(default 1e-6, the paper's; 1e-5 collapsed).")] = None,
     lr_lora: Annotated[float | None, typer.Option(help="optim.student_lr of the LoRA students "
                                                        "(default: the profile's).")] = None,
     world: Annotated[Path | None, typer.Option(help="The mini-world's folder (default: data/miniworld of the "
