@@ -42,18 +42,16 @@ def render(
     seed: Annotated[int, typer.Option(help="World seed.")] = 0,
 ):
     """Render n scenes of a split: grid.png and captions.txt."""
-    from PIL import Image
+    import numpy as np
+    import torch
 
+    from sb2.generation.images import save_grid
     from sb2.miniworld.world import make_pairs
 
     images, captions, _ = make_pairs(seed, split, n)
     out.mkdir(parents=True, exist_ok=True)
-    cols = min(8, n)
-    rows = -(-n // cols)
-    grid = Image.new("RGB", (cols * 64, rows * 64))
-    for i, im in enumerate(images):
-        grid.paste(Image.fromarray(im), ((i % cols) * 64, (i // cols) * 64))
-    grid.save(out / "grid.png")
+    pixels = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 HWC → [-1, 1]
+    save_grid(pixels, out / "grid.png", cols=8)
     (out / "captions.txt").write_text("\n".join(captions) + "\n")
     typer.echo(f"{n} {split} scenes written to {out}")
 
