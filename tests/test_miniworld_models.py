@@ -106,3 +106,16 @@ def test_teacher_text_states_are_computed_once_per_distinct_caption(tmp_path):
     assert len(table) == 3 and which[0] == which[2] != which[1]
     with torch.no_grad():
         torch.testing.assert_close(table[which], enc(ids)[0])
+
+
+def test_pretrain_time_caps_are_checked_before_anything_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from sb2.miniworld.cli import app
+
+    for bad, says in (("bogus=3", "NAME one of"), ("teacher=", "NAME one of"), ("teacher=soon", "not a number")):
+        result = CliRunner().invoke(app, ["pretrain", "--quick", "--device", "cpu", "--out", str(tmp_path / "w"),
+                                          "--seconds", bad])
+        assert result.exit_code == 2, result.output
+        assert says in " ".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert not (tmp_path / "w").exists()  # refused before rendering or training

@@ -21,6 +21,8 @@ def pretrain(
     keep: Annotated[list[str] | None, typer.Option(help="Reuse this model of an earlier run in --out: vae, "
                                                         "tiny_vae or clip (repeatable).")] = None,
     continue_teacher: Annotated[bool, typer.Option(help="Start the teacher from --out's teacher UNet.")] = False,
+    seconds: Annotated[list[str] | None, typer.Option(help="Time cap of one trainer, NAME=SECONDS (repeatable): "
+                                                           "vae, tiny_vae, clip, judge, judge_clip, teacher, turbo.")] = None,
 ):
     """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
     and the judges; write them and CARD.md/card.json to --out."""
@@ -30,6 +32,15 @@ def pretrain(
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
     if teacher_seconds is not None:
         cfg.seconds["teacher"] = teacher_seconds
+    for item in seconds or ():
+        name, _, value = item.partition("=")
+        if name not in PretrainConfig().seconds or not value:
+            raise typer.BadParameter(f"{item!r}: expected NAME=SECONDS with NAME one of "
+                                     f"{', '.join(PretrainConfig().seconds)}", param_hint="--seconds")
+        try:
+            cfg.seconds[name] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: {value!r} is not a number", param_hint="--seconds") from None
     card = run(out, cfg, device=device, workers=workers, keep=tuple(keep or ()), continue_teacher=continue_teacher)
     typer.echo(f"mini-world models written to {out} in {card['total_seconds']} s (see CARD.md)")
 
