@@ -37,7 +37,8 @@ from sb2.distill.vsd import add_noise, diffusion_loss, guided, sample_timesteps,
 from sb2.models.lora import add_lora  # noqa: E402
 from sb2.distill.clip_loss import clamped_clip_loss, clip_preprocess, scheduled_weight  # noqa: E402
 from sb2.student import decode, encode_prompts, student_x0  # noqa: E402
-from sb2.train.steps import Models, apply_speed_switches, lora_teacher_loss, student_step  # noqa: E402
+from sb2.distill.reward import ClipReward  # noqa: E402
+from sb2.train.steps import Models, RewardTerm, apply_speed_switches, lora_teacher_loss, student_step  # noqa: E402
 
 PROMPTS = [f"a photo of subject {i} in a scene, highly detailed, {i % 7} lights" for i in range(64)]
 
@@ -102,6 +103,7 @@ def assemble(base, cfg, scheme, device, frozen_dtype):
         clip = copy.copy(base["clip"])
         clip.model = copy.deepcopy(base["clip"].model).to(device, frozen_dtype).requires_grad_(False)
         m.clip = clip
+        m.rewards.append(RewardTerm("clip", ClipReward(clip)))  # the clamped CLIP loss, as build_models adds it
     return m
 
 

@@ -202,10 +202,11 @@ class Bench:
         p = self.plan
         overrides = self.base_overrides + [
             f"train.steps={p.train_steps}", f"train.batch_size={p.batch_size}", "tracking.enabled=false",
-            "tracking.image_every=0", f"checkpoint.every={p.train_steps}", "checkpoint.resume=false"] + extra
+            "tracking.image_every=0", f"checkpoint.every={p.train_steps}", "checkpoint.resume=false"]
         lr = p.full_lr if scheme == "full" else p.lora_lr
         if lr is not None:
             overrides.append(f"optim.student_lr={lr}")
+        overrides += extra  # last: a row's own settings win over the plan's
         cfg = load_config("miniworld", overrides)
         run_dir = self.work / "students" / name
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -218,7 +219,8 @@ class Bench:
         seconds = time.perf_counter() - t
         final = json.loads((run_dir / "train.json").read_text()).get("final", {})
         self.train_info[name] = {"scheme": scheme, "overrides": extra, "steps": p.train_steps,
-                                 "student_lr": cfg.optim.student_lr,
+                                 "student_lr": cfg.optim.student_lr, "vsd_guidance": cfg.vsd.guidance_scale,
+                                 "clip_tau": cfg.clip_loss.tau if scheme == "lora" and cfg.clip_loss.enabled else None,
                                  "batch_size": p.batch_size, "seconds": round(seconds, 1),
                                  "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}}
         print(f"[{self.elapsed():6.0f} s] trained {name} ({scheme}, {p.train_steps} steps × {p.batch_size}) in "
@@ -315,6 +317,9 @@ class Bench:
                 "teacher_steps": p.teacher_steps, "train_steps": p.train_steps, "batch_size": p.batch_size,
                 "student_lr": {scheme: next((t["student_lr"] for t in self.train_info.values()
                                              if t["scheme"] == scheme), None) for scheme in ("full", "lora")},
+                "vsd_guidance": next((t.get("vsd_guidance") for t in self.train_info.values()), None),
+                "clip_tau": next((t["clip_tau"] for t in self.train_info.values() if t.get("clip_tau") is not None),
+                                 None),
                 "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "world": str(self.root),
                 "rows": self.rows, "tables": [[t, lab] for t, lab, _ in ROWS if lab in self.rows],
                 "sweep": self.sweep, "students": self.train_info, "skipped": self.skipped, "failed": self.failed,

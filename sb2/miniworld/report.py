@@ -23,7 +23,9 @@ def results_markdown(record: dict) -> str:
              f"mean ± std over those noise seeds; **each student is trained once** (seed 0, "
              f"{record['train_steps']} steps × batch {record['batch_size']}, student lr {record['student_lr']['full']} (full) / "
              f"{record['student_lr']['lora']} (LoRA), "
-             "`sb2.train.loop.train` on the "
+             + (f"VSD guidance {record['vsd_guidance']}, " if record.get("vsd_guidance") is not None else "")
+             + (f"CLIP-loss τ {record['clip_tau']}, " if record.get("clip_tau") is not None else "")
+             + "`sb2.train.loop.train` on the "
              f"`miniworld` profile plus the row's overrides; see `students` in results.json). Teacher: "
              f"{record['teacher_steps']} DDIM steps. FID is in the units of the mini-world feature judge "
              "(data/miniworld/CARD.md), comparable only within this table. Device: "
