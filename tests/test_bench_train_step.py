@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_lora_variants_compute_the_same_losses_and_gradients(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--tiny", "--scheme", "lora",
-                           "--quick", "--steps", "1"], env=env, capture_output=True, text=True, timeout=600)
+                           "--quick", "--steps", "1"], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
     fast = [r for r in rows if r["variant"] != "naive"]
