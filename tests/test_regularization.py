@@ -93,9 +93,14 @@ def test_regularization_gradient_reaches_the_student_and_vanishes_with_weight_ze
     cfg.regularization.weight = 0.0
     g_zero, logs0 = _grads(m, cfg, reg, prompts)
     assert logs0["loss/reg"] == pytest.approx(logs["loss/reg"])  # still measured
-    # the same VSD gradient; the batch has more rows, so equal up to the order of float summation
+    # The same VSD gradient; the batch has more rows, so equal up to fp32 rounding, whose size depends on the batch
+    # shape and the library versions: a bound of 1e-5 relative failed at 1.2e-5 after a dependency update, with the
+    # code unchanged. The term's own gradient is checked to be exactly zero at weight 0 below; this bound only has to
+    # sit far under the term's effect at weight 0.5 (about 300× the gradient's norm).
+    norm = math.sqrt(sum(a.pow(2).sum().item() for a in g_none))
     diff = math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(g_none, g_zero)))
-    assert diff < 1e-5 * math.sqrt(sum(a.pow(2).sum().item() for a in g_none))
+    effect = math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(g_none, g_reg)))
+    assert diff < 1e-4 * norm < 1e-2 * effect, (diff, norm, effect)
     # the term itself: every student parameter sees its gradient, exactly zero at weight 0
     from sb2.student import student_x0
 
