@@ -17,7 +17,6 @@ def pretrain(
     quick: Annotated[bool, typer.Option(help="Tiny sizes and step counts (CPU tests): nothing is any good.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     workers: Annotated[int, typer.Option(help="Processes rendering the world.")] = 1,
-    teacher_seconds: Annotated[float | None, typer.Option(help="Time cap of the teacher's training.")] = None,
     keep: Annotated[list[str] | None, typer.Option(help="Reuse this model of an earlier run in --out: vae, "
                                                         "tiny_vae or clip (repeatable).")] = None,
     continue_teacher: Annotated[bool, typer.Option(help="Start the teacher from --out's teacher UNet.")] = False,
@@ -30,8 +29,6 @@ def pretrain(
     from sb2.miniworld.pretrain import pretrain as run
 
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
-    if teacher_seconds is not None:
-        cfg.seconds["teacher"] = teacher_seconds
     for item in seconds or ():
         name, _, value = item.partition("=")
         if name not in PretrainConfig().seconds or not value:
