@@ -26,7 +26,14 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
     rows = record["rows"]
     assert rows["SwiftBrush (VSD, Turbo init) = A"]["fid"] == rows["A: full, VSD"]["fid"]
     assert record["sweep"][-1]["fid"]["runs"][0] == rows["A: full, VSD"]["fid"]["runs"][0]
+    # the VSD guidance and CLIP-loss τ the students trained with are recorded (the profile's; none without a CLIP loss)
+    from sb2.config import load_config
+
+    prof = load_config("miniworld")
+    assert record["vsd_guidance"] == prof.vsd.guidance_scale and record["clip_tau"] == prof.clip_loss.tau
+    assert record["students"]["B_no_clip"]["clip_tau"] is None and record["students"]["A"]["clip_tau"] is None
     md = (out / "results.md").read_text()
+    assert f"VSD guidance {prof.vsd.guidance_scale}, CLIP-loss τ {prof.clip_loss.tau}" in md
     assert "QUICK" in md and "## Target" in md and all(label in md for _, label, _ in ROWS)
     assert (out / "lambda_sweep.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
 
