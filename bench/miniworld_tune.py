@@ -1,9 +1,13 @@
 """Tuning runs for the mini-world bench: one student per variant (the bench's own training and scoring), one seed.
 
     python bench/miniworld_tune.py --steps 400 --variants "A|vsd.guidance_scale=2.0" "B|vsd.guidance_scale=2.0"
+    python bench/miniworld_tune.py --parallel 6 --timeout-s 500 --variants ...   # one process a variant, 6 at a time
 
 Each variant is ``ROW|override|override...`` with ROW = A (full, VSD) or B (LoRA + clamped CLIP + schedule). Writes
-$OUT/tune.json (or ./tune.json). A benchmark, not a test.
+$OUT/tune.json (or ./tune.json). With ``--parallel N`` each variant runs in its own process (N at a time, each
+killed after ``--timeout-s``): the tiny UNet's training loop is bound by the CPU's kernel launches, so one GPU trains
+several side by side; ``--mps`` first tries to start CUDA MPS (kernels of different processes then run
+concurrently). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sb2.miniworld import bench  # noqa: E402
+from sb2.miniworld import bench
 
 LABELS = {"A": "A: full, VSD", "B": "B: LoRA, clamped + schedule (B)"}
 
@@ -34,8 +38,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--device", default=None)
     ap.add_argument("--name", default="tune")
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--timeout-s", type=float, default=None)
+    ap.add_argument("--mps", action="store_true")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
+    if args.parallel > 1:
+        return run_parallel(args, out)
     results, t0 = [], time.perf_counter()
     base = {k: list(v[2]) for k, v in bench.STUDENTS.items()}
     for i, spec in enumerate(args.variants):
@@ -55,6 +64,67 @@ def main() -> None:
                         "train": rec["students"][row]})
         print("RESULT", json.dumps(results[-1]), flush=True)
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+
+
+def start_mps() -> str:
+    """Start the CUDA MPS control daemon (pipe and log folders under /tmp); returns what happened."""
+    import subprocess
+
+    pipe, log = Path("/tmp/sb2-mps/pipe"), Path("/tmp/sb2-mps/log")
+    pipe.mkdir(parents=True, exist_ok=True)
+    log.mkdir(parents=True, exist_ok=True)
+    os.environ["CUDA_MPS_PIPE_DIRECTORY"], os.environ["CUDA_MPS_LOG_DIRECTORY"] = str(pipe), str(log)
+    try:
+        r = subprocess.run(["nvidia-cuda-mps-control", "-d"], check=False, capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"not started: {e}"
+    return "started" if r.returncode == 0 else f"not started: exit {r.returncode} {r.stderr.strip()}"
+
+
+def run_parallel(args, out: Path) -> None:
+    """Each variant in its own process of this script, ``--parallel`` at a time; results gathered in order."""
+    import subprocess
+
+    mps = start_mps() if args.mps else "off"
+    print(f"MPS: {mps}", flush=True)
+    t0 = time.perf_counter()
+    todo = list(enumerate(args.variants))
+    running: list[tuple[int, str, subprocess.Popen, float]] = []
+    status: dict[int, str] = {}
+    common = ["--steps", str(args.steps), "--batch", str(args.batch), "--captions", str(args.captions),
+              "--lr-full", str(args.lr_full), "--lr-lora", str(args.lr_lora)] + (
+        ["--device", args.device] if args.device else [])
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            i, spec = todo.pop(0)
+            if time.perf_counter() - t0 > args.budget_s:
+                status[i] = "skipped: past the budget"
+                continue
+            cmd = [sys.executable, __file__, "--variants", spec, "--name", f"{args.name}_{i}"] + common
+            with open(out / f"{args.name}_{i}.log", "w") as log:  # the child keeps its own descriptor
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            running.append((i, spec, proc, time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            i, spec, proc, started = item
+            if proc.poll() is not None:
+                status[i] = f"exit {proc.returncode} after {time.perf_counter() - started:.0f} s"
+                running.remove(item)
+            elif args.timeout_s and time.perf_counter() - started > args.timeout_s:
+                proc.kill()
+                proc.wait()
+                status[i] = f"killed after {args.timeout_s:.0f} s"
+                running.remove(item)
+    results = []
+    for i, spec in enumerate(args.variants):
+        f = out / f"{args.name}_{i}.json"
+        rec = json.loads(f.read_text())[0] if f.exists() else {"variant": spec}
+        results.append({**rec, "status": status.get(i)})
+        print("RESULT", json.dumps(results[-1]), flush=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"mps": mps, "parallel": args.parallel,
+                                                       "seconds": round(time.perf_counter() - t0, 1),
+                                                       "variants": results}, indent=1))
 
 
 if __name__ == "__main__":

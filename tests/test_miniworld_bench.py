@@ -53,3 +53,24 @@ def test_target_compares_with_the_best_teacher_fid_the_cfg_4_5_alignment_and_the
     text = "\n".join(target_section(rows))
     assert "**merged A+B, λ = 0.5: met**" in text and "(teacher, cfg 2)" in text
     assert "**merged A+B with regularization, λ = 0.5: NOT met** — no: FID 101" in text
+
+
+def test_students_trained_in_worker_processes_score_exactly_as_those_trained_in_process(tmp_path):
+    """``--workers``: the students train in spawned processes (the library's train(), the same seeds) while the main
+    process scores the rest; every number equals the one-process run's, and the regularization folder the two
+    regularized students share is written once, before the workers start."""
+    from sb2.miniworld.bench import Plan, run
+
+    rows = ["A: full, VSD", "B: LoRA, clamped + schedule (B)", "merged A+B with regularization, λ = 0.5"]
+    records = {}
+    for workers in (1, 2):
+        plan = Plan.quick()
+        plan.rows, plan.sweep, plan.workers, plan.seeds = list(rows), False, workers, (0,)
+        records[workers] = run(tmp_path / f"out{workers}", plan, device="cpu", work=tmp_path / f"work{workers}")
+    one, two = records[1], records[2]
+    assert set(two["students"]) == {"A", "B", "A_reg", "B_reg"} and all(i["worker"] for i in two["students"].values())
+    assert not two["failed"] and not two["skipped"]
+    for label in rows:
+        for key in ("fid", "precision", "recall", "clip_score", "alignment"):
+            assert two["rows"][label][key]["runs"] == one["rows"][label][key]["runs"], (label, key)
+    assert len(list((tmp_path / "work2" / "regularization_8").glob("*.png"))) == 8

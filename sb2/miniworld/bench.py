@@ -89,6 +89,9 @@ class Plan:
     full_lr: float | None = 1e-6
     lora_lr: float | None = None
     name: str = "bench"
+    # Students trained side by side in this many processes (spawned, one CUDA context each) while the main process
+    # scores the teacher and the Turbo analog; 1 trains each when a row first needs it, in the main process.
+    workers: int = 1
 
     @classmethod
     def quick(cls) -> Plan:
@@ -135,12 +138,70 @@ def write_regularization_folder(out: Path, n: int, seed: int = 0) -> Path:
     """``n`` real training-split pairs as ``000000.png`` + ``000000.txt``: the regularization source."""
     from PIL import Image
 
-    out.mkdir(parents=True, exist_ok=True)
+    from sb2.atomic import atomic_dir
+
     images, captions, _ = world.make_pairs(seed, "train", n)
-    for i, (im, c) in enumerate(zip(images, captions)):
-        Image.fromarray(im).save(out / f"{i:06d}.png")
-        (out / f"{i:06d}.txt").write_text(c)
+    with atomic_dir(out) as tmp:  # a folder that exists is complete
+        for i, (im, c) in enumerate(zip(images, captions)):
+            Image.fromarray(im).save(tmp / f"{i:06d}.png")
+            (tmp / f"{i:06d}.txt").write_text(c)
     return out
+
+
+def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides: list[str]) -> tuple[Path, dict]:
+    """Train the student of ``STUDENTS[name]`` (the library's train() on the ``miniworld`` profile + the plan's sizes +
+    the row's own overrides, which win) into ``work/students/<name>``; returns its folder and what it trained with."""
+    from sb2.config import load_config
+    from sb2.train.loop import train
+
+    _, scheme, extra = STUDENTS[name]
+    reg = work / f"regularization_{plan.reg_pairs}"
+    if _needs_regularization(name) and not reg.is_dir():
+        write_regularization_folder(reg, plan.reg_pairs)
+    extra = [o.format(teacher=root / "teacher", reg=reg) for o in extra]
+    overrides = base_overrides + [
+        f"train.steps={plan.train_steps}", f"train.batch_size={plan.batch_size}", "tracking.enabled=false",
+        "tracking.image_every=0", f"checkpoint.every={plan.train_steps}", "checkpoint.resume=false"]
+    lr = plan.full_lr if scheme == "full" else plan.lora_lr
+    if lr is not None:
+        overrides.append(f"optim.student_lr={lr}")
+    overrides += extra  # last: a row's own settings win over the plan's
+    cfg = load_config("miniworld", overrides)
+    run_dir = work / "students" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t = time.perf_counter()
+    path = train(cfg, scheme, run_dir, progress=False)
+    seconds = time.perf_counter() - t
+    final = json.loads((run_dir / "train.json").read_text()).get("final", {})
+    return path, {"scheme": scheme, "overrides": extra, "steps": plan.train_steps, "student_lr": cfg.optim.student_lr,
+                  "vsd_guidance": cfg.vsd.guidance_scale,
+                  "clip_tau": cfg.clip_loss.tau if scheme == "lora" and cfg.clip_loss.enabled else None,
+                  "batch_size": plan.batch_size, "seconds": round(seconds, 1),
+                  "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}}
+
+
+def _needs_regularization(name: str) -> bool:
+    return any("{reg}" in o for o in STUDENTS[name][2])
+
+
+def students_of(what: str) -> list[str]:
+    """The students a row's ``what`` (or "sweep") needs trained."""
+    kind, *args = what.split(":")
+    if what == "sweep":
+        return ["A", "B"]
+    if kind == "student":
+        return [args[0]]
+    if kind == "merge":
+        return args[:2]
+    return []
+
+
+def _train_student_worker(name: str, plan: Plan, root: Path, work: Path, base_overrides: list[str],
+                          threads: int) -> tuple[Path, dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    path, info = train_student(name, plan, root, work, base_overrides)
+    return path, {**info, "worker": True}
 
 
 class Bench:
@@ -175,6 +236,8 @@ class Bench:
         self.scenes = world.sample_scenes(0, "eval", n)
         self.captions = world.captions(self.scenes)
         self.students: dict[str, Path] = {}
+        self.pending: dict = {}  # student name → AsyncResult of its worker (Plan.workers > 1)
+        self.pool = None
         self.rows: dict[str, dict] = {}
         self.train_info: dict[str, dict] = {}
         self.sweep: list[dict] = []
@@ -186,46 +249,56 @@ class Bench:
 
     # --- models -----------------------------------------------------------------------------------------------
     def student(self, name: str) -> Path:
-        """Train the student of ``STUDENTS[name]`` once (the library's train(), the profile + the row's overrides)."""
+        """Train the student of ``STUDENTS[name]`` once (the library's train(), the profile + the row's overrides), or
+        wait for the worker process training it (``Plan.workers``)."""
         if name in self.students:
             return self.students[name]
         if name in self.failed_students:
             raise RuntimeError(f"student {name} failed to train: {self.failed_students[name]}")
-        from sb2.config import load_config
-        from sb2.train.loop import train
-
-        _, scheme, extra = STUDENTS[name]
-        reg = self.work / f"regularization_{self.plan.reg_pairs}"
-        if any("{reg}" in o for o in extra) and not reg.is_dir():
-            write_regularization_folder(reg, self.plan.reg_pairs)
-        extra = [o.format(teacher=self.root / "teacher", reg=reg) for o in extra]
-        p = self.plan
-        overrides = self.base_overrides + [
-            f"train.steps={p.train_steps}", f"train.batch_size={p.batch_size}", "tracking.enabled=false",
-            "tracking.image_every=0", f"checkpoint.every={p.train_steps}", "checkpoint.resume=false"]
-        lr = p.full_lr if scheme == "full" else p.lora_lr
-        if lr is not None:
-            overrides.append(f"optim.student_lr={lr}")
-        overrides += extra  # last: a row's own settings win over the plan's
-        cfg = load_config("miniworld", overrides)
-        run_dir = self.work / "students" / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t = time.perf_counter()
         try:
-            self.students[name] = train(cfg, scheme, run_dir, progress=False)
+            if name in self.pending:
+                path, info = self.pending.pop(name).get()
+            else:
+                path, info = train_student(name, self.plan, self.root, self.work, self.base_overrides)
         except Exception as e:
             self.failed_students[name] = f"{type(e).__name__}: {e}"
             raise
-        seconds = time.perf_counter() - t
-        final = json.loads((run_dir / "train.json").read_text()).get("final", {})
-        self.train_info[name] = {"scheme": scheme, "overrides": extra, "steps": p.train_steps,
-                                 "student_lr": cfg.optim.student_lr, "vsd_guidance": cfg.vsd.guidance_scale,
-                                 "clip_tau": cfg.clip_loss.tau if scheme == "lora" and cfg.clip_loss.enabled else None,
-                                 "batch_size": p.batch_size, "seconds": round(seconds, 1),
-                                 "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}}
-        print(f"[{self.elapsed():6.0f} s] trained {name} ({scheme}, {p.train_steps} steps × {p.batch_size}) in "
-              f"{seconds:.1f} s", flush=True)
+        self.students[name], self.train_info[name] = Path(path), info
+        where = "in a worker process " if info.get("worker") else ""
+        print(f"[{self.elapsed():6.0f} s] trained {name} ({info['scheme']}, {info['steps']} steps × "
+              f"{info['batch_size']}) {where}in {info['seconds']:.1f} s", flush=True)
         return self.students[name]
+
+    def start_workers(self, names: list[str]) -> None:
+        """Train ``names`` in ``Plan.workers`` processes (spawned: each has its own CUDA context) while this process
+        scores the rows that need no student. A tiny UNet's training loop is bound by the CPU's kernel launches, so
+        on a GPU machine several students train side by side at almost the speed of one."""
+        import multiprocessing as mp
+
+        names = [n for n in dict.fromkeys(names) if n not in self.students]
+        if not names:
+            return
+        if any(_needs_regularization(n) for n in names):  # written once, here, not by two workers at a time
+            reg = self.work / f"regularization_{self.plan.reg_pairs}"
+            if not reg.is_dir():
+                write_regularization_folder(reg, self.plan.reg_pairs)
+        threads = 0
+        if torch.device(self.device).type == "cuda":  # one process a core or so: the loops are single-threaded
+            import os
+
+            threads = max(1, (os.cpu_count() or 1) // self.plan.workers)
+        self.pool = mp.get_context("spawn").Pool(min(self.plan.workers, len(names)), maxtasksperchild=1)
+        for n in names:
+            self.pending[n] = self.pool.apply_async(
+                _train_student_worker, (n, self.plan, self.root, self.work, self.base_overrides, threads))
+
+    def stop_workers(self) -> None:
+        """Stop students still training (a row past the budget will not need them)."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+        self.pending.clear()
 
     def generator(self, what: str):
         """A generator for a row's ``what``: teacher:<cfg>, turbo, student:<name>, merge:<a>:<b>:<λ>."""
@@ -338,7 +411,7 @@ def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path
     reference images in ``work``."""
     from sb2.evaluation.evaluate import default_device, write_json
     from sb2.miniworld.judges import world_root
-    from sb2.miniworld.report import plot_sweep, results_markdown, save_samples
+    from sb2.miniworld.report import results_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +427,20 @@ def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path
         return record
 
     assert set(ORDER) == {label for _, label, _ in ROWS} | {"sweep"}
+    whats = {label: what for _, label, what in ROWS} | {"sweep": "sweep"}
+    if plan.workers > 1:
+        b.start_workers([n for label in ORDER if (plan.sweep if label == "sweep" else label in plan.rows)
+                         for n in students_of(whats[label])])
+    try:
+        _run_rows(b, plan, out, save)
+    finally:
+        b.stop_workers()
+    return save()
+
+
+def _run_rows(b: Bench, plan: Plan, out: Path, save) -> None:
+    from sb2.miniworld.report import plot_sweep, save_samples
+
     for label in ORDER:
         wanted = plan.sweep if label == "sweep" else label in plan.rows
         if label.startswith("merged A+B, λ*") and not b.sweep:
@@ -385,4 +472,3 @@ def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path
             save_samples([(lab, grid_images(b.generator(what), captions, seeds)) for lab, what in rows], captions,
                          out / "samples.png")
         save()
-    return save()

@@ -110,6 +110,9 @@ def bench(
     world: Annotated[Path | None, typer.Option(help="The mini-world's folder (default: data/miniworld of the "
                                                     "checkout, or SB2_MINIWORLD).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Train the students side by side in this many processes while "
+                                                     "the teacher is scored (a GPU runs several tiny training loops "
+                                                     "at once; on CPU keep 1).")] = 1,
 ):
     """Train every student of the paper's Tables 2, 5, 6 with the library's train(), merge, sweep λ, and score them
     and the teacher (cfg 2/4.5/7.5) and the Turbo analog with the mini-world judges (mean ± std over seeds)."""
@@ -118,7 +121,7 @@ def bench(
     plan = Plan.quick() if quick else Plan()
     for name, value in (("train_steps", steps), ("batch_size", batch_size), ("num_captions", captions),
                         ("sweep_seeds", sweep_seeds), ("budget_s", budget_s), ("full_lr", lr_full),
-                        ("lora_lr", lr_lora)):
+                        ("lora_lr", lr_lora), ("workers", workers)):
         if value is not None:
             setattr(plan, name, value)
     if seeds is not None:
