@@ -79,7 +79,15 @@ def start_mps() -> str:
                            timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"not started: {e}"
-    return "started" if r.returncode == 0 else f"not started: exit {r.returncode} {r.stderr.strip()}"
+    if r.returncode != 0:
+        return f"not started: exit {r.returncode} {r.stderr.strip()}"
+    probe = subprocess.run([sys.executable, "-c", "import torch; torch.ones(8, device='cuda').sum().item()"],
+                           check=False, capture_output=True, text=True, timeout=120)
+    if probe.returncode == 0:
+        return "started"
+    # a daemon whose clients cannot connect would fail every process: stop it and run without
+    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", check=False, text=True, timeout=30)
+    return f"started but unusable, stopped: {probe.stderr.strip()[-300:]}"
 
 
 def run_parallel(args, out: Path) -> None:
