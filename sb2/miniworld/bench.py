@@ -74,7 +74,7 @@ class Plan:
     num_captions: int = 2048
     seeds: tuple[int, ...] = (0, 1, 2)
     teacher_steps: int = 25
-    train_steps: int = 400
+    train_steps: int = 1000
     batch_size: int = 64
     lambdas: tuple[float, ...] = SWEEP
     sweep_seeds: int = 3  # the first this many of ``seeds`` score each λ of the sweep
@@ -87,7 +87,7 @@ class Plan:
     # small UNet move far faster than a LoRA, so the two branches want different rates (measured: README, benchmark;
     # full VSD collapsed at the profile's 1e-5 and worked at the paper's 1e-6)
     full_lr: float | None = 1e-6
-    lora_lr: float | None = None
+    lora_lr: float | None = 3e-4  # 1,441 against 2,728 at 1e-4 (800 steps, seed 0; results/miniworld/TUNING.md)
     name: str = "bench"
     # Students trained side by side in this many processes (spawned, one CUDA context each) while the main process
     # scores the teacher and the Turbo analog; 1 trains each when a row first needs it, in the main process.
@@ -101,7 +101,7 @@ class Plan:
     @classmethod
     def demo(cls) -> Plan:
         return cls(num_captions=192, seeds=(0,), teacher_steps=25, train_steps=30, batch_size=16, sweep=False,
-                   rows=list(DEMO_ROWS), grid_captions=8, full_lr=1e-6, name="demo")
+                   rows=list(DEMO_ROWS), grid_captions=8, full_lr=1e-6, lora_lr=None, name="demo")
 
 
 @dataclass

@@ -97,7 +97,7 @@ def bench(
     work: Annotated[Path | None, typer.Option(help="Folder for the students and reference images "
                                                    "(default: local_outputs/miniworld/bench).")] = None,
     quick: Annotated[bool, typer.Option(help="CPU smoke run: 16 captions, 1 training step; numbers mean nothing.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Training steps of each student (default 400).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps of each student (default 1000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size (default 64).")] = None,
     captions: Annotated[int | None, typer.Option(help="Evaluation captions (default 2048).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Evaluation (noise) seeds per model (default 3).")] = None,
@@ -106,7 +106,7 @@ def bench(
     lr_full: Annotated[float | None, typer.Option(help="optim.student_lr of the full-scheme students "
                                                        "(default 1e-6, the paper's; 1e-5 collapsed).")] = None,
     lr_lora: Annotated[float | None, typer.Option(help="optim.student_lr of the LoRA students "
-                                                       "(default: the profile's).")] = None,
+                                                       "(default 3e-4).")] = None,
     world: Annotated[Path | None, typer.Option(help="The mini-world's folder (default: data/miniworld of the "
                                                     "checkout, or SB2_MINIWORLD).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
