@@ -11,6 +11,7 @@ the VSD and LoRA-teacher losses and the student and LoRA gradients are compared 
 
     python bench/train_step.py [--batch 16] [--steps 12] [--scheme full|lora|both] [--no-compile]
     python bench/train_step.py --tiny     # CPU smoke test with tiny models
+    python bench/train_step.py --scheme full --quick --no-compile --profile   # + where the best eager step's time goes
 Prints a table; writes $OUT/train_step.json when OUT is set. A benchmark, not a test.
 """
 
@@ -144,7 +145,56 @@ def lora_update_naive(m, cfg, x0, emb, null, autocast):
     return lora_teacher_loss(m, cfg, x0, emb, null, autocast)
 
 
-def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: bool, ref=None):
+KERNEL_KINDS = [("matmul (GEMM)", ("gemm", "cutlass", "sm90_", "sm80_", "xmma", "cublas", "nvjet")),
+                ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "cudnn")),
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("normalization", ("norm",)),
+                ("optimizer", ("adam", "foreach")),
+                ("triton (fused by compile)", ("triton",)),
+                ("elementwise / copies / other", ())]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return KERNEL_KINDS[-1][0]
+
+
+def profile_steps(iteration, first: int, n: int, device, step_ms: float, path: Path | None) -> dict:
+    """Where the time of ``n`` steps goes on the GPU: kernel time per step by kind and the share of the (unprofiled)
+    step it fills — a GPU busy far less than the step waits on the host (Python, launches, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(first, first + n):
+            iteration(i)
+        sync(device)
+    events = prof.key_averages()
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    kinds: dict[str, float] = {}
+    for e in events:
+        if dev_us(e) > 0 and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + dev_us(e) / 1e3 / n
+    total = sum(kinds.values())
+    out = {"kernel_ms_per_step": total, "step_ms": step_ms, "gpu_busy": total / step_ms,
+           "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+    if path is not None:
+        sort = "self_cuda_time_total"
+        try:
+            table = events.table(sort_by=sort, row_limit=40)
+        except Exception:  # noqa: BLE001 — newer torch names it self_device_time_total
+            table = events.table(sort_by="self_device_time_total", row_limit=40)
+        path.write_text(json.dumps(out, indent=2) + "\n\n" + table)
+    return out
+
+
+def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: bool, ref=None,
+                profile: bool = False):
     torch.cuda.empty_cache() if device.type == "cuda" else None
     gc.collect()
     if device.type == "cuda":
@@ -218,6 +268,13 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
     ms = statistics.median(times) * 1e3
     row = {"variant": name, "scheme": scheme, "batch": bs, "step_ms": ms, "samples_per_s": bs * 1e3 / ms,
            "first_step_s": first_s, **check}
+    if profile:
+        slug = "".join(c if c.isalnum() else "_" for c in name.strip(" +")).strip("_")[:40]
+        path = Path(os.environ["OUT"], f"profile_{scheme}_{slug}.txt") if os.environ.get("OUT") else None
+        row["profile"] = profile_steps(iteration, 3 + args.steps, 2, device, ms, path)
+        print(f"     profile: {row['profile']['kernel_ms_per_step']:.1f} ms of kernels a step "
+              f"({row['profile']['gpu_busy']:.0%} of the step): " + ", ".join(
+                  f"{k} {v:.1f}" for k, v in row["profile"]["by_kind_ms"].items()), flush=True)
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     keep = {k: v.cpu() if torch.is_tensor(v) else v for k, v in first.items()} if ref is None else None
@@ -233,6 +290,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--quick", action="store_true", help="naive, best eager and compiled variants only")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile two steps of every non-naive variant: kernel time by kind, GPU busy share")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -260,7 +319,8 @@ def main() -> None:
             sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]
             cfg = load_config(prof, sets + [f"train.batch_size={args.batch}"])
             try:
-                row, keep = run_variant(name, base, cfg, scheme, device, args, naive, pre, ref)
+                row, keep = run_variant(name, base, cfg, scheme, device, args, naive, pre, ref,
+                                        profile=args.profile and not naive)
             except torch.OutOfMemoryError as e:
                 rows.append({"variant": name, "scheme": scheme, "error": f"OOM: {str(e)[:200]}"})
                 print(f"{scheme:<4} {name:<58} OOM", flush=True)
