@@ -1,13 +1,14 @@
 """The training step without host syncs before its backward: a non-finite loss turns every gradient into NaN (which
 DDP's all-reduce then carries to every process), a finite one leaves the gradients bit for bit as they were; log
-values stay on the device until they are logged."""
+values stay on the device until they are logged; ``train.ddp`` reaches accelerate's DDP handler."""
 
 import math
 
 import pytest
 import torch
 
-from sb2.train.loop import _on_host, backward_seed
+from sb2.config import DDPConfig
+from sb2.train.loop import _on_host, backward_seed, ddp_kwargs
 
 
 def _model_and_loss(scale: float = 1.0):
@@ -46,3 +47,13 @@ def test_log_values_are_read_back_only_when_logged():
     assert isinstance(logs["loss/vsd"], torch.Tensor)  # the caller's dict is left as it was
     assert _on_host({"lr/student": 1e-6}) == {"lr/student": 1e-6}
 
+
+def test_the_default_ddp_settings_change_nothing_and_each_setting_reaches_the_handler():
+    from accelerate.utils import DDPCommunicationHookType
+
+    default = ddp_kwargs(DDPConfig())
+    assert default.to_kwargs() == {} and default.comm_hook == DDPCommunicationHookType.NO  # torch's own defaults
+    h = ddp_kwargs(DDPConfig(bucket_cap_mb=100, gradient_as_bucket_view=True, static_graph=True, comm_hook="bf16"))
+    assert h.to_kwargs() == {"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True}
+    assert h.comm_hook == DDPCommunicationHookType.BF16
+    assert ddp_kwargs(DDPConfig(comm_hook="fp16")).comm_hook == DDPCommunicationHookType.FP16

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sb2.config import Config
+from sb2.config import Config, DDPConfig
 from sb2.models.lora import lora_state_dict, save_lora
 from sb2.student import encode_prompts
 from sb2.tracking import Logger, safe_config, stage_logger
@@ -196,6 +196,17 @@ def backward_seed(loss: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(loss), torch.ones_like(loss), torch.full_like(loss, math.nan))
 
 
+def ddp_kwargs(ddp: DDPConfig):
+    """``train.ddp`` as accelerate's handler of the DistributedDataParallel wrappers (ignored by a single process)."""
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=ddp.bucket_cap_mb, gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+        static_graph=ddp.static_graph,
+        comm_hook={"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+                   "bf16": DDPCommunicationHookType.BF16}[ddp.comm_hook])
+
+
 def _on_host(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Log values kept on the device until they are logged, then read back in one transfer (one host sync)."""
     keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
@@ -234,7 +245,8 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     use_cuda = torch.cuda.is_available()
     # cpu=True: without it accelerate ignores a multi-process launch on a machine without GPUs (every process
     # thinks it is the only one); with it the processes form a gloo group.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision if use_cuda else "no", cpu=not use_cuda)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision if use_cuda else "no", cpu=not use_cuda,
+                              kwargs_handlers=[ddp_kwargs(cfg.train.ddp)])
     rank, main = accelerator.process_index, accelerator.is_main_process
     world = accelerator.num_processes
     found = _agreed_checkpoint(accelerator, out_dir, cfg) if cfg.checkpoint.resume else None
