@@ -6,8 +6,28 @@ with N processes on the same machine, batch B per GPU, and reads the throughput 
 (``throughput/samples_per_s`` in ``logs/metrics.jsonl``, counted over all processes). Scaling efficiency =
 throughput(N) / (N × throughput(1)).
 
-    python bench/train_ddp.py [--gpus 2] [--steps 40] [--batch 16]
-    python bench/train_ddp.py --tiny      # CPU smoke test: tiny models, gloo, 2 processes
+One invocation can measure several N-process variants of the DDP settings (``train.ddp``) against the same
+1-process baseline: ``--variants default "bucket=100,view" "bucket=100,view,bf16"``. A variant is ``default`` (the
+config's defaults) or a comma-separated list of
+    bucket=MB     train.ddp.bucket_cap_mb=MB
+    view          train.ddp.gradient_as_bucket_view=true
+    static        train.ddp.static_graph=true
+    fp16 | bf16   train.ddp.comm_hook=fp16 | bf16 (gradients all-reduced in 16 bits: lossy)
+    KEY=VALUE     any other override, e.g. train.ddp.bucket_cap_mb=50
+A variant whose predicted end (the previous run's wall time from now) falls after ``--budget-s`` is skipped, a run
+still going at the budget is stopped, and one that fails is recorded and the next one runs; the JSON is rewritten
+after every run, so whatever was measured survives the command being cut off.
+
+    python bench/train_ddp.py [--gpus 2] [--steps 40] [--batch 16] [--variants default ...] [--budget-s 540]
+    python bench/train_ddp.py --baseline bench/results/train_ddp_h200x2.json --variants ...  # reuse a 1-process run
+    python bench/train_ddp.py --tiny [--variants ...]   # CPU smoke test: tiny models, gloo, 2 processes
+
+Under --tiny the comm hooks run over gloo, which all-reduces fp16 and bf16 tensors in torch 2.14; with a torch whose
+gloo does not, that variant fails with gloo's message and the next one runs.
+
+On 2 × H200 a run took 115 s (1 process) and 145 s (2 processes) at 40 steps, most of it start-up, model loading and
+the two checkpoints every run writes (its first step and its last); 30 steps save about 6 s a run. So a 540-s command
+fits the model build, the baseline and two variants; more variants go to a second call with --baseline.
 
 Prints a table; writes $OUT/train_ddp.json when OUT is set. A benchmark, not a test.
 """
@@ -17,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +48,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPTS = [f"a photo of subject {i} in a scene, highly detailed, {i % 7} lights" for i in range(512)]
+SHORT = {"view": "train.ddp.gradient_as_bucket_view=true", "static": "train.ddp.static_graph=true",
+         "fp16": "train.ddp.comm_hook=fp16", "bf16": "train.ddp.comm_hook=bf16"}
+
+
+def variant_overrides(spec: str) -> list[str]:
+    """``bucket=100,view,bf16`` → the ``--set`` overrides it stands for (``default``: none). Validated against the
+    config schema here, so that a typo fails before any GPU time is spent."""
+    from sb2.config import ConfigError, load_config
+
+    if spec.strip() == "default":
+        return []
+    sets = []
+    for token in (t.strip() for t in spec.split(",")):
+        if token in SHORT:
+            sets.append(SHORT[token])
+        elif token.startswith("bucket="):
+            sets.append(f"train.ddp.bucket_cap_mb={token.removeprefix('bucket=')}")
+        elif "=" in token and "." in token.split("=", 1)[0]:
+            sets.append(token)
+        else:
+            raise SystemExit(f"variant {spec!r}: unknown token {token!r} (bucket=MB, view, static, fp16, bf16, "
+                             f"KEY=VALUE or default)")
+    try:
+        load_config("tiny", sets)
+    except ConfigError as e:
+        raise SystemExit(f"variant {spec!r}: {e}") from None
+    return sets
 
 
 def build_models(root: Path) -> tuple[str, str]:
@@ -46,7 +94,9 @@ def build_models(root: Path) -> tuple[str, str]:
     return str(teacher), str(student)
 
 
-def run(n: int, args, teacher: str, student: str, prompts: Path, out: Path) -> dict:
+def run(n: int, args, teacher: str, student: str, prompts: Path, out: Path, extra: list[str],
+        timeout: float | None) -> dict:
+    """One `sb2 train` launch; its throughput, or why it has none (``error``)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
               "--dynamo_backend", "no"]
     if args.tiny:
@@ -56,23 +106,33 @@ def run(n: int, args, teacher: str, student: str, prompts: Path, out: Path) -> d
     sets = [f"models.teacher={teacher}", f"models.student={student}", f"train.steps={args.steps}",
             f"train.batch_size={args.batch}", f"train.prompts={prompts}", f"train.log_every={args.log_every}",
             "tracking.enabled=false", "tracking.image_every=0", f"checkpoint.every={10 * args.steps}",
-            "train.gradient_checkpointing=false", "ema.enabled=false"]
+            "train.gradient_checkpointing=false", "ema.enabled=false", *extra]
     cmd = launch + ["-m", "sb2", "train", "--scheme", "full", "--profile", "tiny" if args.tiny else "sd21",
                     "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    base = {"processes": n, "overrides": extra, "batch_per_process": args.batch, "steps": args.steps}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # A session of its own: a run that hangs (a collective never matched) is stopped with all its processes.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {**base, "wall_s": time.perf_counter() - t0, "error": f"stopped at the budget after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
-        raise SystemExit(f"{n} process(es): sb2 train failed with exit code {proc.returncode}")
+        print(stdout[-2000:], stderr[-4000:], sep="\n")
+        lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+        said = [x for x in lines if x.startswith("error:")] or lines[-1:]  # sb2's own one-line error first
+        return {**base, "wall_s": wall, "error": f"exit code {proc.returncode}: {said[0] if said else ''}"[:300]}
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     tput = [r["throughput/samples_per_s"] for r in rows if "throughput/samples_per_s" in r]
     steady = tput[2:] if len(tput) > 3 else tput[1:]  # the first windows hold cuDNN autotuning and allocator growth
-    return {"processes": n, "samples_per_s": statistics.median(steady), "windows": tput, "wall_s": wall,
-            "batch_per_process": args.batch, "steps": args.steps}
+    return {**base, "samples_per_s": statistics.median(steady), "windows": tput, "wall_s": wall}
 
 
 def main() -> None:
@@ -83,8 +143,16 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--work", default="/tmp/sb2-ddp-bench")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",
+                    help='N-process variants, e.g. default "bucket=100,view" "bucket=100,view,bf16"')
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="the whole script ends by then: a variant predicted to end later is skipped")
+    ap.add_argument("--baseline", default=None,
+                    help="a train_ddp.json of an earlier call on the same card: its 1-process run is the baseline")
     ap.add_argument("--only-many", action="store_true", help="skip the 1-process baseline (smoke tests only)")
     args = ap.parse_args()
+    t_start = time.perf_counter()
+    variants = [(spec, variant_overrides(spec)) for spec in args.variants]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.tiny:
@@ -97,21 +165,70 @@ def main() -> None:
         card = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name()}"
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    results = []
-    for n in ((args.gpus,) if args.only_many else (1, args.gpus)):
-        out = work / f"run-{n}"
-        subprocess.run(["rm", "-rf", str(out)])
-        r = run(n, args, teacher, student, prompts, out)
-        results.append(r)
-        print(f"{n} process(es): {r['samples_per_s']:.1f} samples/s (windows {[round(x, 1) for x in r['windows']]}),"
-              f" wall {r['wall_s']:.0f} s", flush=True)
-    one, many = results[0]["samples_per_s"], results[-1]["samples_per_s"]
-    eff = many / (args.gpus * one)
-    print(f"\ncard: {card}; batch {args.batch} per process, full scheme, best eager settings")
-    print(f"scaling efficiency with {args.gpus} processes: {eff:.3f} ({many:.1f} vs {args.gpus} × {one:.1f} samples/s)")
-    if os.environ.get("OUT"):
+    print(f"{card}; batch {args.batch} per process, {args.steps} steps a run; models ready after "
+          f"{time.perf_counter() - t_start:.0f} s", flush=True)
+
+    def left() -> float | None:
+        return None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
+
+    baseline, runs = None, []
+
+    def report() -> None:
+        if not os.environ.get("OUT"):
+            return
+        eff = {r["variant"]: r["scaling_efficiency"] for r in runs if "scaling_efficiency" in r}
         Path(os.environ["OUT"], "train_ddp.json").write_text(json.dumps(
-            {"card": card, "runs": results, "scaling_efficiency": eff}, indent=2))
+            {"card": card, "runs": ([baseline] if baseline else []) + runs, "scaling_efficiency": eff}, indent=2))
+
+    if args.baseline:
+        baseline = next(r for r in json.loads(Path(args.baseline).read_text())["runs"] if r["processes"] == 1)
+        baseline = {**baseline, "from": args.baseline}
+        print(f"1 process: {baseline['samples_per_s']:.1f} samples/s, from {args.baseline} (same card?)")
+    elif not args.only_many:
+        out = work / "run-1"
+        subprocess.run(["rm", "-rf", str(out)], check=False)
+        baseline = run(1, args, teacher, student, prompts, out, [], left())
+        if "error" in baseline:
+            raise SystemExit(f"1 process: sb2 train failed ({baseline['error']})")
+        print(f"1 process: {baseline['samples_per_s']:.1f} samples/s (windows "
+              f"{[round(x, 1) for x in baseline['windows']]}), wall {baseline['wall_s']:.0f} s", flush=True)
+        report()
+    estimate = 1.3 * baseline["wall_s"] if baseline and "from" not in baseline else None
+    for spec, sets in variants:
+        remaining = left()
+        if remaining is not None and (remaining <= 0 or (estimate is not None and estimate > remaining)):
+            need = f", predicted {estimate:.0f} s" if estimate is not None else ""
+            print(f"{args.gpus} processes [{spec}]: skipped, {max(remaining, 0):.0f} s of --budget-s left{need}",
+                  flush=True)
+            runs.append({"variant": spec, "processes": args.gpus, "overrides": sets, "skipped": "budget"})
+            report()
+            continue
+        out = work / f"run-{args.gpus}-{len(runs)}"
+        subprocess.run(["rm", "-rf", str(out)], check=False)
+        r = {"variant": spec, **run(args.gpus, args, teacher, student, prompts, out, sets, remaining)}
+        estimate = r["wall_s"] if "error" not in r else estimate
+        if "error" in r:
+            print(f"{args.gpus} processes [{spec}]: failed ({r['error']}); going on with the next variant", flush=True)
+        else:
+            if baseline:
+                r["scaling_efficiency"] = r["samples_per_s"] / (args.gpus * baseline["samples_per_s"])
+            print(f"{args.gpus} processes [{spec}]: {r['samples_per_s']:.1f} samples/s (windows "
+                  f"{[round(x, 1) for x in r['windows']]}), wall {r['wall_s']:.0f} s", flush=True)
+        runs.append(r)
+        report()
+
+    print(f"\ncard: {card}; batch {args.batch} per process, full scheme, eager, bf16 on GPUs; total "
+          f"{time.perf_counter() - t_start:.0f} s")
+    if baseline:
+        print(f"1 process: {baseline['samples_per_s']:.1f} samples/s")
+    print(f"| variant ({args.gpus} processes) | overrides | samples/s | scaling efficiency | wall s |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in runs:
+        what = (f"{r['samples_per_s']:.1f} | {r['scaling_efficiency']:.3f}" if "scaling_efficiency" in r else
+                f"{r['samples_per_s']:.1f} | –" if "samples_per_s" in r else
+                f"{'skipped (budget)' if 'skipped' in r else 'failed: ' + r['error']} | –")
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "–"
+        print(f"| {r['variant']} | {' '.join(r['overrides']) or '(defaults)'} | {what} | {wall} |")
 
 
 if __name__ == "__main__":

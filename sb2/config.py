@@ -224,6 +224,29 @@ class EMAConfig(_Strict):
     decay: float = Field(0.999, gt=0.0, lt=1.0)
 
 
+class DDPConfig(_Strict):
+    """How DistributedDataParallel all-reduces the gradients of the student and of the LoRA teacher across processes
+    (one per GPU); a single process ignores it. bench/train_ddp.py --variants measures these against each other."""
+
+    # Gradients are all-reduced bucket by bucket while the backward still runs: larger buckets make fewer and larger
+    # all-reduces (less per-call latency), smaller ones start the first one earlier (more overlap with the backward).
+    # torch's default; the full SD2.1 student is 866M fp32 gradients, 3.5 GB a step.
+    bucket_cap_mb: float = Field(25.0, gt=0.0, le=4096.0)
+    # Each .grad becomes a view into its bucket: no copy of every gradient into the bucket and back after the
+    # all-reduce, and one gradient-sized buffer less (3.5 GB for the full student). Same values; zero_grad(set_to_none)
+    # and checkpoints (weights and optimizer state, never gradients) are unaffected (tests/test_ddp.py).
+    gradient_as_bucket_view: bool = False
+    # A promise that every forward through a wrapper is followed by one backward reaching the same parameters — true
+    # of both wrappers here, the skip of a non-finite step included (sb2/train/loop.py): DDP then skips its
+    # per-iteration bookkeeping of which parameters got a gradient. With every parameter used (as here) little gain
+    # is expected; off until measured.
+    static_graph: bool = False
+    # Gradients compressed to 16 bits for the all-reduce (half the bytes) and widened back: lossy, so off by default.
+    # bf16 keeps fp32's range with 8 significant bits; fp16 keeps 11 but overflows above 65504 (the step is then
+    # skipped as non-finite) and loses small values (below 6e-5 gradually, below 6e-8 entirely).
+    comm_hook: Literal["none", "fp16", "bf16"] = "none"
+
+
 class TrainConfig(_Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -244,6 +267,7 @@ class TrainConfig(_Strict):
     # "blocks": each transformer and ResNet block compiled on its own (regional compilation: identical blocks share one
     # compiled graph, so compiling takes a minute or two); "full": the whole UNet as one graph (compiles for > 4 min).
     compile_mode: Literal["blocks", "full"] = "blocks"
+    ddp: DDPConfig = DDPConfig()
 
 
 class CheckpointConfig(_Strict):

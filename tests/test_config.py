@@ -35,6 +35,10 @@ def test_overrides_are_typed():
         ("vsd.t_min=0.99", "t_min must be below t_max"),
         ("nonsense", "expected key=value"),
         ("models.teacher=/no/such/folder", "models.teacher: local model path '/no/such/folder' does not exist"),
+        ("train.ddp.comm_hook=int8", "train.ddp.comm_hook: Input should be 'none', 'fp16' or 'bf16'"),
+        ("train.ddp.bucket_cap_mb=0", "train.ddp.bucket_cap_mb"),
+        ("train.ddp.static_graph=maybe", "train.ddp.static_graph"),
+        ("train.ddp.find_unused_parameters=true", "train.ddp.find_unused_parameters: unknown key"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, words):

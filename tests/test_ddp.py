@@ -1,6 +1,7 @@
 """Two training processes on CPU, launched as in production (`accelerate launch --multi_gpu`, DDP over gloo here):
 one shared state and one state per process in each checkpoint, exact resume after every process is SIGKILLed, a
-change of world size, and SIGTERM reaching only one of the processes."""
+change of world size, SIGTERM reaching only one of the processes, the `train.ddp` settings reaching both DDP wrappers
+without changing a bit of the result, and a non-finite loss on one process skipping the step on both."""
 
 import json
 import os
@@ -18,24 +19,65 @@ import torch
 
 from sb2.train import checkpoint as ckpt
 
+ROOT = Path(__file__).resolve().parents[1]
 SETS = ("train.steps=6", "checkpoint.every=1", "checkpoint.keep_last=3", "tracking.enabled=false")
 
 
-def _launch(out: Path, *sets: str, processes: int = 2) -> list[str]:
+# `sb2 train` with every process writing down its DDP wrappers as accelerate built them, and optionally a NaN loss on
+# one process at one step (SB2_NAN_RANK, SB2_NAN_STEP).
+RECORDING = """
+import json, os, sys
+from pathlib import Path
+
+import accelerate
+import torch
+
+import sb2.train.loop as loop
+
+prepare, student_step = accelerate.Accelerator.prepare, loop.student_step
+
+
+def recording_prepare(self, *args, **kwargs):
+    out = prepare(self, *args, **kwargs)
+    wrappers = [{"bucket_bytes_cap": d.bucket_bytes_cap, "gradient_as_bucket_view": d.gradient_as_bucket_view,
+                 "static_graph": d.static_graph, "comm_hooks": [h.__qualname__ for h, _ in d._comm_hooks]}
+                for d in out if isinstance(d, torch.nn.parallel.DistributedDataParallel)]
+    Path(os.environ["SB2_RECORD"], f"ddp-rank-{os.environ['RANK']}.json").write_text(json.dumps(wrappers))
+    return out
+
+
+def flaky(m, cfg, emb, null, prompts, step, autocast, reg=None):
+    loss, x0, logs = student_step(m, cfg, emb, null, prompts, step, autocast, reg=reg)
+    if os.environ["RANK"] == os.environ.get("SB2_NAN_RANK") and step == int(os.environ["SB2_NAN_STEP"]):
+        loss = loss * float("nan")
+    return loss, x0, logs
+
+
+accelerate.Accelerator.prepare, loop.student_step = recording_prepare, flaky
+from sb2.cli import main
+
+main()
+"""
+OPTIONS = ("train.ddp.bucket_cap_mb=0.05", "train.ddp.gradient_as_bucket_view=true", "train.ddp.static_graph=true")
+
+
+def _launch(out: Path, *sets: str, processes: int = 2, script: Path | None = None,
+            scheme: str = "lora") -> list[str]:
+    what = [str(script)] if script is not None else ["-m", "sb2"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
            "--num_processes", str(processes), "--main_process_port", "0", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "sb2", "train", "--scheme", "lora", "-p", "tiny", "--out", str(out)]
+           "--dynamo_backend", "no", *what, "train", "--scheme", scheme, "-p", "tiny", "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     return cmd
 
 
-def _env():
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def _env(**extra: str):
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -161,3 +203,74 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     assert "a signal to another process: checkpoint at step" in out
     step, path = ckpt.list_checkpoints(run)[-1]
     assert step >= 2 and ckpt.verify(path)["world_size"] == 2
+
+
+def _recording(tmp_path: Path) -> Path:
+    script = tmp_path / "recording_sb2.py"
+    script.write_text(RECORDING)
+    return script
+
+
+def _script_env(folder: Path, **extra: str) -> dict[str, str]:
+    # a script's own folder, not the working directory, heads its import path: name this checkout
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "SB2_RECORD": str(folder), **extra}
+
+
+def _recorded(folder: Path) -> list[list[dict]]:
+    return [json.loads((folder / f"ddp-rank-{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_settings_reach_both_wrappers_change_no_bit_and_resume_exactly(unbroken, tmp_path):
+    """bucket_cap_mb, gradient_as_bucket_view and static_graph on the student and the LoRA teacher: buckets of 50 KB
+    (many, where the default makes one), gradients as views into them, zero_grad(set_to_none) between steps and a
+    checkpoint at every step; the weights are those of the run with the defaults, and so is a resume."""
+    script, run = _recording(tmp_path), tmp_path / "options"
+    _run(_launch(run, *SETS, *OPTIONS, script=script), **_script_env(tmp_path))
+    wrappers = _recorded(tmp_path)
+    assert wrappers[0] == wrappers[1] and len(wrappers[0]) == 2  # the student and the LoRA teacher, on each process
+    for w in wrappers[0]:
+        assert w == {"bucket_bytes_cap": int(0.05 * 1024 * 1024), "gradient_as_bucket_view": True,
+                     "static_graph": True, "comm_hooks": []}
+    a, b = _weights(unbroken), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs with {OPTIONS}"
+
+    # resume from step 4 with the same settings: the same weights again
+    for step, path in ckpt.list_checkpoints(run):
+        if step > 4:
+            shutil.rmtree(path)
+    for part in ("student", "lora_teacher"):
+        shutil.rmtree(run / part)
+    r = _run(_launch(run, *SETS, *OPTIONS))
+    assert "resuming from" in r.stderr and "(step 4)" in r.stderr
+    b = _weights(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a resume with {OPTIONS}"
+
+
+def test_a_nan_loss_on_one_process_skips_the_step_on_both(tmp_path):
+    """No collective before the backward: the NaN reaches the other process through the gradients' all-reduce
+    (here compressed to bf16 by the comm hook, with static_graph on), and both skip the same step, both optimizers
+    untouched, then go on together."""
+    script, run = _recording(tmp_path), tmp_path / "nan"
+    sets = ("train.steps=4", "checkpoint.every=1", "checkpoint.keep_last=5", "tracking.enabled=false")
+    r = _run(_launch(run, *sets, *OPTIONS, "train.ddp.comm_hook=bf16", script=script, scheme="full"),
+             **_script_env(tmp_path, SB2_NAN_RANK="1", SB2_NAN_STEP="2"))
+    for wrappers in _recorded(tmp_path):
+        assert [w["comm_hooks"] for w in wrappers] == [["bf16_compress_hook"]] * 2
+    out = r.stdout + r.stderr
+    # each process prints its own warning: both took the skip
+    assert out.count("warning: step 3: non-finite loss or gradient, update skipped (1 in a row)") == 2, out[-3000:]
+    assert out.count("non-finite") == 2
+    assert json.loads((run / "train.json").read_text())["nonfinite_skips"] == 1
+    states = {s: ckpt.load_checkpoint(p, 0).shared for s, p in ckpt.list_checkpoints(run)}
+    assert sorted(states) == [1, 2, 4]  # no checkpoint after a non-finite step
+    assert states[4]["nonfinite_skips"] == 1
+
+    def updates(state: dict, opt: str) -> int:
+        return int(next(iter(state[opt]["state"].values()))["step"])
+
+    for opt in ("opt_student", "opt_lora_teacher"):  # 3 updates in 4 steps, of both optimizers
+        assert [updates(states[s], opt) for s in (1, 2, 4)] == [1, 2, 3], opt

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sb2.config import Config
+from sb2.config import Config, DDPConfig
 from sb2.models.lora import lora_state_dict, save_lora
 from sb2.student import encode_prompts
 from sb2.tracking import Logger, safe_config, stage_logger
@@ -126,7 +126,8 @@ class _Preemption:
 
 def _anywhere(accelerator, flag: bool) -> bool:
     """``flag`` of any process, on every process. Decisions that change which collective calls a process makes
-    (skip a backward, stop to checkpoint) must be the same everywhere, or DDP waits forever for the missing call."""
+    (stop to checkpoint) must be the same everywhere, or DDP waits forever for the missing call. An all-reduce and a
+    host sync: the skip of a non-finite step needs none (see backward_seed)."""
     if accelerator.num_processes == 1:
         return flag
     t = torch.tensor([int(flag)], device=accelerator.device)
@@ -187,8 +188,32 @@ def _agreed_checkpoint(accelerator, out_dir: Path, cfg: Config) -> ckpt.Loaded |
     return found if found is not None else ckpt.Loaded(-1, Path(choice[0]["path"]), None, None)
 
 
-def _finite(*values: torch.Tensor | float) -> bool:
-    return all(math.isfinite(float(v.detach() if isinstance(v, torch.Tensor) else v)) for v in values)
+def backward_seed(loss: torch.Tensor) -> torch.Tensor:
+    """The gradient a backward starts from: 1 (the default, so a finite loss's gradients are bit for bit the same),
+    NaN for a non-finite loss. Every gradient of that process is then NaN, the all-reduce carries the NaN to every
+    process, and the gradient norm, identical on all of them after the all-reduce, decides the skip for all at once:
+    no collective and no host sync before the backward."""
+    return torch.where(torch.isfinite(loss), torch.ones_like(loss), torch.full_like(loss, math.nan))
+
+
+def ddp_kwargs(ddp: DDPConfig):
+    """``train.ddp`` as accelerate's handler of the DistributedDataParallel wrappers (ignored by a single process)."""
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=ddp.bucket_cap_mb, gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+        static_graph=ddp.static_graph,
+        comm_hook={"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+                   "bf16": DDPCommunicationHookType.BF16}[ddp.comm_hook])
+
+
+def _on_host(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Log values kept on the device until they are logged, then read back in one transfer (one host sync)."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(logs)
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**logs, **dict(zip(keys, values))}
 
 
 def _student_state(m: Models, scheme: Scheme, unwrapped) -> dict[str, torch.Tensor]:
@@ -220,7 +245,8 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     use_cuda = torch.cuda.is_available()
     # cpu=True: without it accelerate ignores a multi-process launch on a machine without GPUs (every process
     # thinks it is the only one); with it the processes form a gloo group.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision if use_cuda else "no", cpu=not use_cuda)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision if use_cuda else "no", cpu=not use_cuda,
+                              kwargs_handlers=[ddp_kwargs(cfg.train.ddp)])
     rank, main = accelerator.process_index, accelerator.is_main_process
     world = accelerator.num_processes
     found = _agreed_checkpoint(accelerator, out_dir, cfg) if cfg.checkpoint.resume else None
@@ -310,7 +336,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
 
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=f"train[{scheme}]",
                disable=not (progress and main))
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor | float] = {}
     t_last, n_last, consecutive = time.perf_counter(), 0, 0
     last_saved = start if found is not None else None
     budget = _GraceBudget(cfg.checkpoint.grace_period_s, main)
@@ -336,11 +362,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 reg = regularization_batch(m, cfg, pairs, device, autocast)
                 loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast, reg=reg)
                 logs["reg/skipped_pairs"] = len(reg_feed.sampler.bad)
-            ok = not _anywhere(accelerator, not _finite(loss))
-            if ok:
-                accelerator.backward(loss)
-                gn_s = accelerator.clip_grad_norm_(m.student_params, cfg.optim.max_grad_norm)
-                ok = _finite(gn_s)
+            # One host sync per backward (the gradient norm): no collective before it (see backward_seed), and the
+            # losses stay on the device until a log step.
+            accelerator.backward(loss, gradient=backward_seed(loss))
+            gn_s = float(accelerator.clip_grad_norm_(m.student_params, cfg.optim.max_grad_norm))
+            ok = math.isfinite(gn_s)
             if ok:
                 opt_s.step()
                 if ema is not None:
@@ -350,12 +376,9 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 m.teacher_unet = teacher_ddp
                 for _ in range(cfg.lora_teacher.updates_per_student_update):
                     loss_l = lora_teacher_loss(m, cfg, x0, emb, null_emb, autocast)
-                    if _anywhere(accelerator, not _finite(loss_l)):
-                        ok = False
-                        break
-                    accelerator.backward(loss_l)
-                    gn_l = accelerator.clip_grad_norm_(m.lora_params, cfg.optim.max_grad_norm)
-                    if not _finite(gn_l):
+                    accelerator.backward(loss_l, gradient=backward_seed(loss_l))
+                    gn_l = float(accelerator.clip_grad_norm_(m.lora_params, cfg.optim.max_grad_norm))
+                    if not math.isfinite(gn_l):
                         opt_l.zero_grad(set_to_none=True)
                         ok = False
                         break
@@ -380,11 +403,14 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
             else:
                 consecutive = 0
                 n_last += cfg.train.batch_size * accelerator.num_processes
-                logs.update({"loss/lora_teacher": loss_l.item(), "grad_norm/student": float(gn_s),
-                             "grad_norm/lora_teacher": float(gn_l), "lr/student": opt_s.param_groups[0]["lr"],
+                logs.update({"loss/lora_teacher": loss_l.detach(), "grad_norm/student": gn_s,
+                             "grad_norm/lora_teacher": gn_l, "lr/student": opt_s.param_groups[0]["lr"],
                              "lr/lora_teacher": opt_l.param_groups[0]["lr"], "train/nonfinite_skips": skipped_total})
-                bar.set_postfix(vsd=f"{logs['loss/vsd']:.4g}", lora=f"{logs['loss/lora_teacher']:.4g}")
-                if logger is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps):
+                log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+                if log_step and (logger is not None or not bar.disable):
+                    logs = _on_host(logs)
+                    bar.set_postfix(vsd=f"{logs['loss/vsd']:.4g}", lora=f"{logs['loss/lora_teacher']:.4g}")
+                if log_step and logger is not None:
                     now = time.perf_counter()
                     logs["throughput/samples_per_s"] = n_last / max(now - t_last, 1e-9)
                     t_last, n_last = now, 0
@@ -433,7 +459,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
             save_lora(teacher_plain, tmp, cfg.models.teacher)
         grid = _preview(m, cfg, unwrapped, preview_prompts, out_dir / "samples.png", device, weight_dtype)
         (out_dir / "train.json").write_text(json.dumps(
-            {"scheme": scheme, "steps": cfg.train.steps, "nonfinite_skips": skipped_total, "final": logs,
+            {"scheme": scheme, "steps": cfg.train.steps, "nonfinite_skips": skipped_total, "final": _on_host(logs),
              "student": str(student_path), "mlflow_run_id": getattr(logger, "run_id", None)}, indent=2))
         if logger is not None:
             logger.log_image(grid, "samples", step=cfg.train.steps)

@@ -24,6 +24,7 @@ from sb2.student import decode, encode_prompts, latent_shape, student_x0
 from sb2.train.paired import RealPair
 
 Scheme = Literal["full", "lora"]
+Log = torch.Tensor | float  # a value to log: a 0-dim device tensor until it is logged
 
 
 @dataclass
@@ -226,8 +227,9 @@ def teacher_predictions(teacher, x_t, t, emb, null_emb, cfg: Config) -> tuple[to
 
 
 def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tensor, prompts: list[str], step: int,
-                 autocast, reg: RegBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Loss of one student update and the detached x̂0 the LoRA teacher learns from.
+                 autocast, reg: RegBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Log]]:
+    """Loss of one student update, the detached x̂0 the LoRA teacher learns from, and the values to log (losses as
+    detached device tensors: reading them back would make the host wait for the device before the backward).
 
     With a regularization batch the student runs once on both batches (one forward and one backward under DDP and
     gradient checkpointing); only the prompt batch's x̂0 feeds VSD, the rewards and the LoRA teacher.
@@ -248,7 +250,7 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
     w = vsd_weight(m.alphas_cumprod, t, cfg.vsd.weighting)
     loss_vsd, _ = vsd_loss(x0, eps_teacher, eps_lora, w, cfg.vsd.reduction)
     loss = loss_vsd
-    logs = {"loss/vsd": loss_vsd.item()}
+    logs: dict[str, Log] = {"loss/vsd": loss_vsd.detach()}
     if m.rewards:
         loss = loss + reward_losses(m, cfg, x0, prompts, step, autocast, logs)
     if reg is not None:
@@ -257,7 +259,7 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
 
 
 def reward_losses(m: Models, cfg: Config, x0: torch.Tensor, prompts: list[str], step: int, autocast,
-                  logs: dict[str, float]) -> torch.Tensor:
+                  logs: dict[str, Log]) -> torch.Tensor:
     """Σ w_k(step)·max(0, τ_k − r_k(D(x̂0), y)) over the reward terms, D the TinyVAE decoder (decoded once). The
     clamped CLIP loss logs as before (``loss/clip``, ``clip/weight``, ``clip/cos``), the others as
     ``loss/reward/<name>``, ``reward/<name>/weight`` and ``reward/<name>/mean``."""
@@ -274,10 +276,10 @@ def reward_losses(m: Models, cfg: Config, x0: torch.Tensor, prompts: list[str], 
         value = clamped_reward_loss(reward, tau, s.clamp)
         total = weight * value if total is None else total + weight * value
         if term.index is None:
-            logs.update({"loss/clip": value.item(), "clip/weight": weight, "clip/cos": reward.mean().item()})
+            logs.update({"loss/clip": value.detach(), "clip/weight": weight, "clip/cos": reward.detach().mean()})
         else:
-            logs.update({f"loss/reward/{term.name}": value.item(), f"reward/{term.name}/weight": weight,
-                         f"reward/{term.name}/mean": reward.mean().item()})
+            logs.update({f"loss/reward/{term.name}": value.detach(), f"reward/{term.name}/weight": weight,
+                         f"reward/{term.name}/mean": reward.detach().mean()})
     return total
 
 
@@ -311,7 +313,7 @@ def regularization_batch(m: Models, cfg: Config, pairs: list, device, autocast) 
 
 
 def regularization_loss(m: Models, cfg: Config, x0_reg: torch.Tensor, reg: RegBatch, step: int, autocast,
-                        logs: dict[str, float]) -> torch.Tensor:
+                        logs: dict[str, Log]) -> torch.Tensor:
     """w_reg(step)·d(x̂0, target): latent MSE, or the perceptual distance of the decoded images (logged as
     ``loss/reg``)."""
     rc = cfg.regularization
@@ -323,7 +325,7 @@ def regularization_loss(m: Models, cfg: Config, x0_reg: torch.Tensor, reg: RegBa
         with autocast():
             images = decode(dec, x0_reg.to(dec.dtype))
             value = perceptual_regression_loss(m.perceptual_net, images, reg.target_images)
-    logs.update({"loss/reg": value.item(), "reg/weight": weight})
+    logs.update({"loss/reg": value.detach(), "reg/weight": weight})
     return weight * value
 
 
