@@ -307,13 +307,15 @@ def main() -> None:
             ("  + teacher and LoRA teacher in one call", dict(off), {"vsd.single_teacher_call": "true"}, False, True),
             ("  + no gradient checkpointing", dict(off, gradient_checkpointing=False), {}, False, True),
             ("  + channels_last", dict(gradient_checkpointing=False, channels_last=True), {}, False, True),
+            ("  + frozen passes in bf16 without autocast (no channels_last)",
+             dict(off, gradient_checkpointing=False, frozen_autocast=False), {}, False, True),
         ]
         if not args.no_compile and device.type == "cuda":
             levers.append(("  + torch.compile, per block (no channels_last)",
                            dict(gradient_checkpointing=False, channels_last=False, compile=True), {}, False, True))
         if args.quick or (scheme == "lora" and not args.tiny):
             # naive, the best eager variant and the compiled one (the lever study itself is on the full scheme)
-            levers = [levers[0], levers[3]] + levers[5:]
+            levers = [levers[0], levers[3]] + levers[5:]  # + the frozen-autocast lever and compile
         ref, base_ms = None, None
         for name, train_kw, other, naive, pre in levers:
             sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]

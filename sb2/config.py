@@ -267,6 +267,11 @@ class TrainConfig(_Strict):
     # "blocks": each transformer and ResNet block compiled on its own (regional compilation: identical blocks share one
     # compiled graph, so compiling takes a minute or two); "full": the whole UNet as one graph (compiles for > 4 min).
     compile_mode: Literal["blocks", "full"] = "blocks"
+    # The frozen teacher's no-grad passes (cond/uncond and the LoRA teacher's VSD estimate) under autocast, as the
+    # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so
+    # GroupNorm/LayerNorm stay bf16 instead of round trips through fp32 (eager profile on an H100: casts and
+    # elementwise kernels are 43% of the step's GPU time; BENCHMARKS.md). Off until measured.
+    frozen_autocast: bool = True
     ddp: DDPConfig = DDPConfig()
 
 

@@ -57,3 +57,29 @@ def test_the_default_ddp_settings_change_nothing_and_each_setting_reaches_the_ha
     assert h.to_kwargs() == {"bucket_cap_mb": 100, "gradient_as_bucket_view": True, "static_graph": True}
     assert h.comm_hook == DDPCommunicationHookType.BF16
     assert ddp_kwargs(DDPConfig(comm_hook="fp16")).comm_hook == DDPCommunicationHookType.FP16
+
+
+def test_frozen_teacher_passes_run_without_autocast_in_the_teachers_dtype_when_switched_off():
+    """``train.frozen_autocast=false``: the frozen teacher's no-grad passes get bf16 inputs and no autocast (norms stay
+    bf16); on (the default) they run under autocast with the inputs as they are. Same loss within bf16 rounding."""
+    from sb2.config import load_config
+    from sb2.student import encode_prompts
+    from sb2.train.steps import build_models, student_step
+
+    prompts = ["a red square", "two blue rings"]
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    losses, seen = {}, {}
+    for on in (True, False):
+        cfg = load_config("tiny", [f"train.frozen_autocast={str(on).lower()}"])
+        m = build_models(cfg, "full", "cpu", weight_dtype=torch.bfloat16)
+        calls = []
+        m.teacher_unet.register_forward_pre_hook(
+            lambda mod, args, kw: calls.append((args[0].dtype, torch.is_autocast_enabled("cpu"))), with_kwargs=True)
+        emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
+        null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
+        torch.manual_seed(0)
+        loss, _, _ = student_step(m, cfg, emb, null, prompts, 0, autocast)
+        losses[on], seen[on] = loss.item(), calls
+    assert seen[True] and all(c == (torch.float32, True) for c in seen[True])
+    assert seen[False] and all(c == (torch.bfloat16, False) for c in seen[False])
+    assert math.isfinite(losses[False]) and abs(losses[False] - losses[True]) <= 0.05 * abs(losses[True])

@@ -7,7 +7,7 @@ The math lives in :mod:`sb2.distill`; this module only composes it (SwiftBrush's
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -226,6 +226,16 @@ def teacher_predictions(teacher, x_t, t, emb, null_emb, cfg: Config) -> tuple[to
     return eps_teacher, eps_lora
 
 
+def frozen_context(m: Models, cfg: Config, autocast):
+    """The context of the frozen teacher's no-grad passes and the dtype to give their inputs: autocast and the inputs
+    as they are (None), or with ``train.frozen_autocast`` off and a low-precision teacher, no autocast and inputs in
+    the teacher's dtype."""
+    dtype = next(m.teacher_unet.parameters()).dtype
+    if cfg.train.frozen_autocast or dtype == torch.float32:
+        return autocast(), None
+    return nullcontext(), dtype
+
+
 def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tensor, prompts: list[str], step: int,
                  autocast, reg: RegBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Log]]:
     """Loss of one student update, the detached x̂0 the LoRA teacher learns from, and the values to log (losses as
@@ -245,8 +255,10 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
     t = sample_timesteps(b, m.num_train_timesteps, cfg.vsd.t_min, cfg.vsd.t_max, device=device)
     noise = torch.randn_like(x0, dtype=torch.float32)
     x_t = add_noise(x0.detach().float(), noise, m.alphas_cumprod, t)
-    with torch.no_grad(), autocast():
-        eps_teacher, eps_lora = teacher_predictions(m.teacher_unet, x_t, t, emb, null_emb, cfg)
+    frozen, dt = frozen_context(m, cfg, autocast)
+    with torch.no_grad(), frozen:
+        eps_teacher, eps_lora = teacher_predictions(m.teacher_unet, x_t.to(dt or x_t.dtype), t,
+                                                    emb.to(dt or emb.dtype), null_emb.to(dt or null_emb.dtype), cfg)
     w = vsd_weight(m.alphas_cumprod, t, cfg.vsd.weighting)
     loss_vsd, _ = vsd_loss(x0, eps_teacher, eps_lora, w, cfg.vsd.reduction)
     loss = loss_vsd
