@@ -145,11 +145,13 @@ def lora_update_naive(m, cfg, x0, emb, null, autocast):
     return lora_teacher_loss(m, cfg, x0, emb, null, autocast)
 
 
-KERNEL_KINDS = [("matmul (GEMM)", ("gemm", "cutlass", "sm90_", "sm80_", "xmma", "cublas", "nvjet")),
-                ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "cudnn")),
-                ("attention", ("flash", "fmha", "attention", "sdpa")),
-                ("normalization", ("norm",)),
-                ("optimizer", ("adam", "foreach")),
+# First match wins: cuDNN's attention and implicit-GEMM convolutions carry "sm90"/"gemm" in their names too.
+KERNEL_KINDS = [("attention", ("flash", "fmha", "sdpa", "attention")),
+                ("layout conversion (NCHW <-> NHWC)", ("nchwtonhwc", "nhwctonchw")),
+                ("convolution", ("implicit_gemm", "fprop", "dgrad", "wgrad", "conv", "winograd")),
+                ("matmul (GEMM)", ("gemm", "cutlass", "nvjet", "cublas", "xmma")),
+                ("normalization", ("norm", "rowwisemoments")),
+                ("optimizer", ("adam", "multi_tensor")),
                 ("triton (fused by compile)", ("triton",)),
                 ("elementwise / copies / other", ())]
 

@@ -25,3 +25,23 @@ def test_tiny_lora_variants_compute_the_same_losses_and_gradients(tmp_path):
         assert r["rel_err_loss_vsd"] < 1e-4, r
         assert r["rel_err_grad_student"] < 1e-2, r
         assert r["rel_err_loss_lora"] < 1e-4, r
+
+
+def test_profile_sorts_kernels_by_what_they_compute():
+    """Kernel names from the H100 profile (bench/results/train_step_h100_eager_profile.txt): cuDNN's attention and
+    implicit-GEMM convolutions name "sm90"/"gemm" too and must not count as matmuls."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    expect = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3": "attention",
+              "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw": "convolution",
+              "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw": "convolution",
+              "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "layout conversion (NCHW <-> NHWC)",
+              "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "matmul (GEMM)",
+              "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "normalization",
+              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+              "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>":
+                  "elementwise / copies / other"}
+    assert {k: mod.kernel_kind(k) for k in expect} == expect
