@@ -30,11 +30,11 @@ LABELS = {"A": "A: full, VSD", "B": "B: LoRA, clamped + schedule (B)"}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", required=True)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--captions", type=int, default=2048)
     ap.add_argument("--lr-full", type=float, default=1e-6)
-    ap.add_argument("--lr-lora", type=float, default=1e-4)
+    ap.add_argument("--lr-lora", type=float, default=3e-4)
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--device", default=None)
     ap.add_argument("--name", default="tune")
@@ -66,8 +66,15 @@ def main() -> None:
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
 
 
+def stop_mps() -> None:
+    import subprocess
+
+    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", check=False, text=True, timeout=30)
+
+
 def start_mps() -> str:
-    """Start the CUDA MPS control daemon (pipe and log folders under /tmp); returns what happened."""
+    """Start the CUDA MPS control daemon (pipe and log folders under /tmp); returns what happened ("started" when
+    this call started one: run_parallel then stops it at the end)."""
     import subprocess
 
     pipe, log = Path("/tmp/sb2-mps/pipe"), Path("/tmp/sb2-mps/log")
@@ -85,8 +92,7 @@ def start_mps() -> str:
                            check=False, capture_output=True, text=True, timeout=120)
     if probe.returncode == 0:
         return "started"
-    # a daemon whose clients cannot connect would fail every process: stop it and run without
-    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", check=False, text=True, timeout=30)
+    stop_mps()  # a daemon whose clients cannot connect would fail every process: run without
     return f"started but unusable, stopped: {probe.stderr.strip()[-300:]}"
 
 
@@ -94,11 +100,23 @@ def run_parallel(args, out: Path) -> None:
     """Each variant in its own process of this script, ``--parallel`` at a time; results gathered in order."""
     import subprocess
 
-    mps = start_mps() if args.mps else "off"
+    mps = start_mps() if args.mps else "not asked (a daemon started before still serves)"
     print(f"MPS: {mps}", flush=True)
+    running: list[tuple[int, str, subprocess.Popen, float]] = []
+    try:
+        _run_variants(args, out, mps, running)
+    finally:  # an error or Ctrl-C here must not leave the children training on the GPU, nor our daemon running
+        for _, _, proc, _ in running:
+            proc.kill()
+        if mps == "started":
+            stop_mps()
+
+
+def _run_variants(args, out: Path, mps: str, running: list) -> None:
+    import subprocess
+
     t0 = time.perf_counter()
     todo = list(enumerate(args.variants))
-    running: list[tuple[int, str, subprocess.Popen, float]] = []
     status: dict[int, str] = {}
     common = ["--steps", str(args.steps), "--batch", str(args.batch), "--captions", str(args.captions),
               "--lr-full", str(args.lr_full), "--lr-lora", str(args.lr_lora)] + (

@@ -150,8 +150,8 @@ KERNEL_KINDS = [("attention", ("flash", "fmha", "sdpa", "attention")),
                 ("layout conversion (NCHW <-> NHWC)", ("nchwtonhwc", "nhwctonchw")),
                 ("convolution", ("implicit_gemm", "fprop", "dgrad", "wgrad", "conv", "winograd")),
                 ("matmul (GEMM)", ("gemm", "cutlass", "nvjet", "cublas", "xmma")),
-                ("normalization", ("norm", "rowwisemoments")),
-                ("optimizer", ("adam", "multi_tensor")),
+                ("optimizer and gradient clipping", ("adam", "multi_tensor", "lpnorm", "normtwo")),
+                ("normalization", ("layer_norm", "group_norm", "layernorm", "groupnorm", "rowwisemoments")),
                 ("triton (fused by compile)", ("triton",)),
                 ("elementwise / copies / other", ())]
 

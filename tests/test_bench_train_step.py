@@ -41,7 +41,11 @@ def test_profile_sorts_kernels_by_what_they_compute():
               "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "layout conversion (NCHW <-> NHWC)",
               "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "matmul (GEMM)",
               "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "normalization",
-              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>":
+                  "optimizer and gradient clipping",
+              "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>":
+                  "optimizer and gradient clipping",
+              "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>": "normalization",
               "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>":
                   "elementwise / copies / other"}
     assert {k: mod.kernel_kind(k) for k in expect} == expect

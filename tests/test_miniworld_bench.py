@@ -58,7 +58,7 @@ def test_target_compares_with_the_best_teacher_fid_the_cfg_4_5_alignment_and_the
 def test_students_trained_in_worker_processes_score_exactly_as_those_trained_in_process(tmp_path):
     """``--workers``: the students train in spawned processes (the library's train(), the same seeds) while the main
     process scores the rest; every number equals the one-process run's, and the regularization folder the two
-    regularized students share is written once, before the workers start."""
+    regularized students share is complete (the main process writes it before the workers start)."""
     from sb2.miniworld.bench import Plan, run
 
     rows = ["A: full, VSD", "B: LoRA, clamped + schedule (B)", "merged A+B with regularization, λ = 0.5"]

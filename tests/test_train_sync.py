@@ -83,3 +83,26 @@ def test_frozen_teacher_passes_run_without_autocast_in_the_teachers_dtype_when_s
     assert seen[True] and all(c == (torch.float32, True) for c in seen[True])
     assert seen[False] and all(c == (torch.bfloat16, False) for c in seen[False])
     assert math.isfinite(losses[False]) and abs(losses[False] - losses[True]) <= 0.05 * abs(losses[True])
+
+
+def test_a_skipped_fp16_update_lets_the_loss_scaler_lower_its_scale_and_go_on():
+    """fp16 loss scaling: a step whose unscaled gradients are non-finite is skipped by the loop, not by the scaler's
+    own step; without an update the next step's unscale raises, and the scale never comes down."""
+    from types import SimpleNamespace
+
+    from sb2.train.loop import after_skipped_update
+
+    model, _ = _model_and_loss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    x = torch.randn(16, 4)
+    scaler.scale(model(x).sum() * math.inf).backward()
+    scaler.unscale_(opt)
+    assert not math.isfinite(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+    after_skipped_update(SimpleNamespace(scaler=scaler))
+    opt.zero_grad(set_to_none=True)
+    assert scaler.get_scale() == 2.0 ** 15
+    scaler.scale(model(x).sum()).backward()
+    scaler.unscale_(opt)  # raised "unscale_() has already been called" before the update
+    assert math.isfinite(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+    after_skipped_update(SimpleNamespace(scaler=None))  # bf16 / fp32: nothing to do

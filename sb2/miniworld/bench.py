@@ -148,15 +148,18 @@ def write_regularization_folder(out: Path, n: int, seed: int = 0) -> Path:
     return out
 
 
-def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides: list[str]) -> tuple[Path, dict]:
-    """Train the student of ``STUDENTS[name]`` (the library's train() on the ``miniworld`` profile + the plan's sizes +
-    the row's own overrides, which win) into ``work/students/<name>``; returns its folder and what it trained with."""
+def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides: list[str],
+                  spec: tuple[str, list[str]] | None = None) -> tuple[Path, dict]:
+    """Train student ``name`` (the library's train() on the ``miniworld`` profile + the plan's sizes + the row's own
+    overrides, which win) into ``work/students/<name>``; returns its folder and what it trained with. ``spec`` is
+    (scheme, overrides), by default ``STUDENTS[name]``'s — passed explicitly to worker processes, which import this
+    module afresh."""
     from sb2.config import load_config
     from sb2.train.loop import train
 
-    _, scheme, extra = STUDENTS[name]
+    scheme, extra = spec if spec is not None else STUDENTS[name][1:]
     reg = work / f"regularization_{plan.reg_pairs}"
-    if _needs_regularization(name) and not reg.is_dir():
+    if _needs_regularization(extra) and not reg.is_dir():
         write_regularization_folder(reg, plan.reg_pairs)
     extra = [o.format(teacher=root / "teacher", reg=reg) for o in extra]
     overrides = base_overrides + [
@@ -180,8 +183,8 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
                   "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}}
 
 
-def _needs_regularization(name: str) -> bool:
-    return any("{reg}" in o for o in STUDENTS[name][2])
+def _needs_regularization(overrides: list[str]) -> bool:
+    return any("{reg}" in o for o in overrides)
 
 
 def students_of(what: str) -> list[str]:
@@ -197,10 +200,10 @@ def students_of(what: str) -> list[str]:
 
 
 def _train_student_worker(name: str, plan: Plan, root: Path, work: Path, base_overrides: list[str],
-                          threads: int) -> tuple[Path, dict]:
+                          spec: tuple[str, list[str]], threads: int) -> tuple[Path, dict]:
     if threads:
         torch.set_num_threads(threads)
-    path, info = train_student(name, plan, root, work, base_overrides)
+    path, info = train_student(name, plan, root, work, base_overrides, spec)
     return path, {**info, "worker": True}
 
 
@@ -236,8 +239,8 @@ class Bench:
         self.scenes = world.sample_scenes(0, "eval", n)
         self.captions = world.captions(self.scenes)
         self.students: dict[str, Path] = {}
-        self.pending: dict = {}  # student name → AsyncResult of its worker (Plan.workers > 1)
-        self.pool = None
+        self.pending: dict = {}  # student name → Future of its worker (Plan.workers > 1)
+        self.pool = None  # a ProcessPoolExecutor while workers train
         self.rows: dict[str, dict] = {}
         self.train_info: dict[str, dict] = {}
         self.sweep: list[dict] = []
@@ -257,7 +260,8 @@ class Bench:
             raise RuntimeError(f"student {name} failed to train: {self.failed_students[name]}")
         try:
             if name in self.pending:
-                path, info = self.pending.pop(name).get()
+                # a worker that dies (out of memory, a crash) breaks the pool: its students fail, nothing hangs
+                path, info = self.pending.pop(name).result()
             else:
                 path, info = train_student(name, self.plan, self.root, self.work, self.base_overrides)
         except Exception as e:
@@ -278,7 +282,7 @@ class Bench:
         names = [n for n in dict.fromkeys(names) if n not in self.students]
         if not names:
             return
-        if any(_needs_regularization(n) for n in names):  # written once, here, not by two workers at a time
+        if any(_needs_regularization(STUDENTS[n][2]) for n in names):  # written once, here, not by two workers
             reg = self.work / f"regularization_{self.plan.reg_pairs}"
             if not reg.is_dir():
                 write_regularization_folder(reg, self.plan.reg_pairs)
@@ -287,16 +291,25 @@ class Bench:
             import os
 
             threads = max(1, (os.cpu_count() or 1) // self.plan.workers)
-        self.pool = mp.get_context("spawn").Pool(min(self.plan.workers, len(names)), maxtasksperchild=1)
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(min(self.plan.workers, len(names)), mp_context=mp.get_context("spawn"),
+                                        max_tasks_per_child=1)
         for n in names:
-            self.pending[n] = self.pool.apply_async(
-                _train_student_worker, (n, self.plan, self.root, self.work, self.base_overrides, threads))
+            self.pending[n] = self.pool.submit(_train_student_worker, n, self.plan, self.root, self.work,
+                                               self.base_overrides, STUDENTS[n][1:], threads)
 
     def stop_workers(self) -> None:
-        """Stop students still training (a row past the budget will not need them)."""
+        """Stop students still training (a row past the budget will not need them): SIGKILL, not SIGTERM, which
+        train() would take for a preemption and answer with a checkpoint."""
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            procs = list((getattr(self.pool, "_processes", None) or {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in procs:
+                proc.join(timeout=30)
             self.pool = None
         self.pending.clear()
 

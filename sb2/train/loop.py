@@ -196,6 +196,15 @@ def backward_seed(loss: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(loss), torch.ones_like(loss), torch.full_like(loss, math.nan))
 
 
+def after_skipped_update(accelerator) -> None:
+    """A skipped update under fp16 loss scaling: the optimizer's gradients were unscaled (for the norm) but it did not
+    step, so the scaler must still update — lower the scale (an overflow is how fp16 loss scaling finds its scale)
+    and forget that unscale, which the next step's would otherwise refuse. Nothing without a scaler (bf16, fp32)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        scaler.update()
+
+
 def ddp_kwargs(ddp: DDPConfig):
     """``train.ddp`` as accelerate's handler of the DistributedDataParallel wrappers (ignored by a single process)."""
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
@@ -371,6 +380,8 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 opt_s.step()
                 if ema is not None:
                     ema.step(m.student_params)
+            else:
+                after_skipped_update(accelerator)
             opt_s.zero_grad(set_to_none=True)
             if ok:
                 m.teacher_unet = teacher_ddp
@@ -379,6 +390,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                     accelerator.backward(loss_l, gradient=backward_seed(loss_l))
                     gn_l = float(accelerator.clip_grad_norm_(m.lora_params, cfg.optim.max_grad_norm))
                     if not math.isfinite(gn_l):
+                        after_skipped_update(accelerator)
                         opt_l.zero_grad(set_to_none=True)
                         ok = False
                         break
