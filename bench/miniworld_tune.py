@@ -100,7 +100,7 @@ def run_parallel(args, out: Path) -> None:
     """Each variant in its own process of this script, ``--parallel`` at a time; results gathered in order."""
     import subprocess
 
-    mps = start_mps() if args.mps else "not asked (a daemon started before still serves)"
+    mps = start_mps() if args.mps else "not started by this script"
     print(f"MPS: {mps}", flush=True)
     running: list[tuple[int, str, subprocess.Popen, float]] = []
     try:
