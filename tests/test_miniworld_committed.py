@@ -40,3 +40,23 @@ def test_judges_score_real_images_near_their_reported_accuracy(monkeypatch):
     acc = attribute_accuracy(attribute_judge(), torch.from_numpy(images), scenes)
     for key in ("shape_or_empty", "color", "size", "alignment_real"):
         assert acc[key] >= card[key] - 0.03, key
+
+
+def test_alignment_breakdown_of_real_images_and_of_images_of_other_captions():
+    """Real eval images match their captions whatever is left unchecked; images shown against the wrong captions fail,
+    and leaving a kind of statement unchecked can only raise the share."""
+    import numpy as np
+
+    from sb2.miniworld import world
+    from sb2.miniworld.judges import STATEMENTS, alignment_breakdown, load_judge, world_root
+
+    net = load_judge(world_root() / "judges" / "attributes")
+    images, _, scenes = world.make_pairs(0, "eval", 256)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    real = alignment_breakdown(net, x, scenes)
+    assert real["alignment"] > 0.95 and real["count"] > 0.97
+    shuffled = alignment_breakdown(net, x.roll(1, dims=0), scenes)
+    assert shuffled["alignment"] < 0.2
+    for r in (real, shuffled):
+        assert all(r["alignment"] <= r[f"without_{k}"] <= 1.0 for k in STATEMENTS)
+    assert shuffled["without_position"] > shuffled["alignment"]  # a shuffle breaks positions, among others
