@@ -7,8 +7,9 @@ with N processes on the same machine, batch B per GPU, and reads the throughput 
 throughput(N) / (N × throughput(1)).
 
 One invocation can measure several N-process variants of the DDP settings (``train.ddp``) against the same
-1-process baseline: ``--variants default "bucket=100,view" "bucket=100,view,bf16"``. A variant is ``default`` (the
-config's defaults) or a comma-separated list of
+1-process baseline: ``--variants torch "bucket=100,view" "bucket=100,view,bf16"``. A variant is ``default`` (the
+``sd21`` profile's ``train.ddp``: 100 MB buckets as gradient views since they were measured), ``torch`` (torch's own
+DDP settings: 25 MB buckets, no views, no static graph, no hook) or a comma-separated list of
     bucket=MB     train.ddp.bucket_cap_mb=MB
     view          train.ddp.gradient_as_bucket_view=true
     static        train.ddp.static_graph=true
@@ -25,9 +26,9 @@ after every run, so whatever was measured survives the command being cut off.
 Under --tiny the comm hooks run over gloo, which all-reduces fp16 and bf16 tensors in torch 2.14; with a torch whose
 gloo does not, that variant fails with gloo's message and the next one runs.
 
-On 2 × H200 a run took 115 s (1 process) and 145 s (2 processes) at 40 steps, most of it start-up, model loading and
-the two checkpoints every run writes (its first step and its last); 30 steps save about 6 s a run. So a 540-s command
-fits the model build, the baseline and two variants; more variants go to a second call with --baseline.
+On 2 × H200 a run took 110 s (1 process) and 126 s (2 processes) at 30 steps, most of it start-up, model loading and
+the two checkpoints every run writes (its first step and its last): one 512-s command ran the model build (25 s), the
+baseline and three variants; more variants go to a second call with --baseline.
 
 Prints a table; writes $OUT/train_ddp.json when OUT is set. A benchmark, not a test.
 """
@@ -59,6 +60,9 @@ def variant_overrides(spec: str) -> list[str]:
 
     if spec.strip() == "default":
         return []
+    if spec.strip() == "torch":
+        return ["train.ddp.bucket_cap_mb=25", "train.ddp.gradient_as_bucket_view=false",
+                "train.ddp.static_graph=false", "train.ddp.comm_hook=none"]
     sets = []
     for token in (t.strip() for t in spec.split(",")):
         if token in SHORT:
@@ -69,7 +73,7 @@ def variant_overrides(spec: str) -> list[str]:
             sets.append(token)
         else:
             raise SystemExit(f"variant {spec!r}: unknown token {token!r} (bucket=MB, view, static, fp16, bf16, "
-                             f"KEY=VALUE or default)")
+                             f"KEY=VALUE, default or torch)")
     try:
         load_config("tiny", sets)
     except ConfigError as e:

@@ -269,8 +269,8 @@ class TrainConfig(_Strict):
     compile_mode: Literal["blocks", "full"] = "blocks"
     # The frozen teacher's no-grad passes (cond/uncond and the LoRA teacher's VSD estimate) under autocast, as the
     # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so
-    # GroupNorm/LayerNorm stay bf16 instead of round trips through fp32 (eager profile on an H100: casts and
-    # elementwise kernels are 43% of the step's GPU time; BENCHMARKS.md). Off until measured.
+    # GroupNorm/LayerNorm stay bf16 instead of round trips through fp32 (eager profile on an H100: casts, elementwise
+    # and normalization kernels are 44% of the step's GPU time; BENCHMARKS.md). Off until measured.
     frozen_autocast: bool = True
     ddp: DDPConfig = DDPConfig()
 

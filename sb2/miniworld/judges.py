@@ -176,20 +176,20 @@ def alignment_breakdown(net: AttributeNet, images_uint8_nchw: torch.Tensor, scen
     statement not checked (so ``without_<kind> − alignment`` is the share failed by that kind alone or with others)."""
     pred = predict(net, images_uint8_nchw)
     n = len(images_uint8_nchw)
-
-    def share(ignore=frozenset()) -> float:
-        return float(np.mean([_matches(pred, i, scenes, i, frozenset(ignore)) for i in range(n)]))
-
-    counts = (pred["shape"][:n] < len(SHAPES)).sum(axis=1)
-    out = {"alignment": share(), "count": float(np.mean(counts == scenes.count[:n]))}
-    out.update({f"without_{k}": share({k}) for k in STATEMENTS})
+    counts = (pred["shape"] < len(SHAPES)).sum(axis=1)
+    out = {"alignment": _share(pred, scenes), "count": float(np.mean(counts == scenes.count[:n]))}
+    out.update({f"without_{k}": _share(pred, scenes, frozenset({k})) for k in STATEMENTS})
     return out
+
+
+def _share(pred: dict, scenes: Scenes, ignore: frozenset[str] = frozenset()) -> float:
+    """Share of the predicted images that match their own scenes' captions."""
+    return float(np.mean([_matches(pred, i, scenes, i, ignore) for i in range(len(pred["shape"]))]))
 
 
 def alignment(net: AttributeNet, images_uint8_nchw: torch.Tensor, scenes: Scenes) -> float:
     """Share of images that show what their captions (scenes' ``says_*``) state: alignment accuracy."""
-    pred = predict(net, images_uint8_nchw)
-    return float(np.mean([_matches(pred, i, scenes, i) for i in range(len(images_uint8_nchw))]))
+    return _share(predict(net, images_uint8_nchw), scenes)
 
 
 @torch.no_grad()
