@@ -119,3 +119,48 @@ def test_pretrain_time_caps_are_checked_before_anything_runs(tmp_path):
         assert result.exit_code == 2, result.output
         assert says in " ".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
     assert not (tmp_path / "w").exists()  # refused before rendering or training
+
+
+def test_keeping_every_other_model_retrains_the_turbo_analog_alone(quick_world, tmp_path):
+    import hashlib
+    import shutil
+
+    from sb2.miniworld.pretrain import KEEPABLE, PretrainConfig, pretrain
+
+    out = tmp_path / "w"
+    shutil.copytree(quick_world, out)
+
+    def digests(folder):
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = {k: digests(out / v) for k, v in KEEPABLE.items()}
+    turbo_before = digests(out / "turbo")
+    old = json.loads((out / "card.json").read_text())["models"]
+    cfg = PretrainConfig.quick()
+    cfg.turbo_steps = 3
+    card = pretrain(out, cfg, device="cpu", keep=tuple(KEEPABLE))
+    assert {k: digests(out / v) for k, v in KEEPABLE.items()} == before  # kept models untouched on disk
+    assert digests(out / "turbo") != turbo_before  # the Turbo analog was trained again
+    for name, entry in old.items():
+        if name != "turbo":  # the card carries the kept entries over, marked once
+            assert card["models"][name]["metrics"] == entry["metrics"]
+            assert card["models"][name]["how"].count("kept from an earlier run") == 1
+    assert card["models"]["turbo"]["steps"] == 3 and card["kept"] == sorted(KEEPABLE)
+    assert "reused" in (out / "CARD.md").read_text()
+    again = pretrain(out, cfg, device="cpu", keep=tuple(KEEPABLE))
+    assert again["models"]["teacher"]["how"].count("kept from an earlier run") == 1
+
+
+def test_keep_refuses_unknown_or_missing_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from sb2.miniworld.cli import app
+    from sb2.miniworld.pretrain import PretrainConfig, pretrain
+
+    result = CliRunner().invoke(app, ["pretrain", "--quick", "--device", "cpu", "--out", str(tmp_path / "w"),
+                                      "--keep", "unet"])
+    assert result.exit_code == 2 and "keepable are" in " ".join(result.output.replace("│", " ").split())
+    with pytest.raises(FileNotFoundError, match="no earlier run's teacher/unet"):
+        pretrain(tmp_path / "empty", PretrainConfig.quick(), device="cpu", keep=("teacher",))
+    assert not (tmp_path / "w").exists()

@@ -17,8 +17,10 @@ def pretrain(
     quick: Annotated[bool, typer.Option(help="Tiny sizes and step counts (CPU tests): nothing is any good.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     workers: Annotated[int, typer.Option(help="Processes rendering the world.")] = 1,
-    keep: Annotated[list[str] | None, typer.Option(help="Reuse this model of an earlier run in --out: vae, "
-                                                        "tiny_vae or clip (repeatable).")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Reuse this model of an earlier run in --out "
+                                                        "(repeatable): vae, tiny_vae, clip, judges/clip, judges, "
+                                                        "teacher. Keeping all six retrains the Turbo analog "
+                                                        "alone.")] = None,
     continue_teacher: Annotated[bool, typer.Option(help="Start the teacher from --out's teacher UNet.")] = False,
     seconds: Annotated[list[str] | None, typer.Option(help="Time cap of one trainer, NAME=SECONDS (repeatable): "
                                                            "vae, tiny_vae, clip, judge, judge_clip, teacher, turbo.")] = None,
@@ -28,7 +30,12 @@ def pretrain(
     from sb2.miniworld.pretrain import PretrainConfig
     from sb2.miniworld.pretrain import pretrain as run
 
+    from sb2.miniworld.pretrain import KEEPABLE
+
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
+    for name in keep or ():
+        if name not in KEEPABLE:
+            raise typer.BadParameter(f"{name!r}: keepable are {', '.join(KEEPABLE)}", param_hint="--keep")
     for item in seconds or ():
         name, _, value = item.partition("=")
         if name not in PretrainConfig().seconds or not value:

@@ -48,19 +48,21 @@ class PretrainConfig:
     teacher_steps: int = 20_000
     teacher_batch: int = 1024
     teacher_lr: float = 4e-4
-    turbo_pairs: int = 16_384
+    turbo_pairs: int = 65_536
     turbo_steps: int = 3000
     turbo_batch: int = 512
     turbo_lr: float = 1e-4
     judge_decoded: int = 16_384  # judge images also shown as VAE reconstructions (a share of each judge batch)
     sample_steps: int = 25
     guidance: float = 4.5
-    # Time caps (seconds) per trainer, so that the whole build fits ~8 minutes on one H100 (≈ 60 s more go to
-    # rendering, CUDA start-up, encoding, sampling and metrics): a trainer stops at its step count or its cap,
-    # whichever comes first, and its learning rate anneals over whichever it is. The first build gave the VAE 50 s and
+    # Time caps (seconds) per trainer: a trainer stops at its step count or its cap, whichever comes first, and its
+    # learning rate anneals over whichever it is. They sum to 560 s; rendering, CUDA start-up, encoding, sampling,
+    # metrics and the Turbo analog's 65,536 distillation targets add ≈ 2 min on one H100, so a build from scratch
+    # takes ≈ 11 minutes. The committed world was built in stages (``--continue-teacher``, ``--keep``; its card has
+    # each model's own time). The first build gave the VAE 50 s and
     # it bounded everything after it (its reconstructions lost small shapes): the VAE and the teacher share the bulk.
     seconds: dict = dataclasses.field(default_factory=lambda: {
-        "judge": 14, "clip": 28, "judge_clip": 12, "vae": 150, "tiny_vae": 12, "teacher": 150, "turbo": 30})
+        "judge": 14, "clip": 28, "judge_clip": 12, "vae": 150, "tiny_vae": 12, "teacher": 150, "turbo": 180})
 
     @classmethod
     def quick(cls) -> PretrainConfig:
@@ -70,6 +72,15 @@ class PretrainConfig:
                    clip=small, clip_steps=2, judge_clip=small, judge_clip_steps=2, judge_steps=2, unet_width=32,
                    teacher_steps=2, teacher_batch=8, turbo_pairs=16, turbo_steps=2, turbo_batch=8, sample_steps=2,
                    judge_pairs=128, judge_decoded=64, seconds={})
+
+
+# What ``keep`` can reuse from an earlier run: the folder that must exist and the card entries it carries over.
+KEEPABLE = {"vae": "teacher/vae", "tiny_vae": "tiny_vae", "clip": "clip", "judges/clip": "judges/clip",
+            "judges": "judges", "teacher": "teacher/unet"}
+_CARD_ENTRIES = {"vae": ("teacher/vae",), "tiny_vae": ("tiny_vae",), "clip": ("clip",),
+                 "judges/clip": ("judges/clip",), "judges": ("judges/features", "judges/attributes"),
+                 "teacher": ("teacher",)}
+KEPT = " (kept from an earlier run)"
 
 
 def _render(args) -> np.ndarray:
@@ -136,8 +147,9 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
              keep: tuple[str, ...] = (), continue_teacher: bool = False) -> dict:
     """Train every mini-world model into ``out``; returns the card.
 
-    ``keep``: models of an earlier run in ``out`` to reuse instead of retraining (``vae``, ``tiny_vae``, ``clip``;
-    the card keeps their entries); ``continue_teacher``: start the teacher from ``out/teacher``'s UNet.
+    ``keep``: models of an earlier run in ``out`` to reuse instead of retraining (any of ``KEEPABLE``; the card
+    keeps their entries) — keeping all of them retrains the Turbo analog alone against the same teacher, judges
+    and metrics; ``continue_teacher``: start the teacher from ``out/teacher``'s UNet.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizerFast
@@ -150,7 +162,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
         train_clip,
     )
     from sb2.miniworld.fitting import WorldData
-    from sb2.miniworld.judges import alignment, attribute_accuracy, save_judge, train_attribute_net
+    from sb2.miniworld.judges import alignment, attribute_accuracy, load_judge, save_judge, train_attribute_net
     from sb2.miniworld.teacher import (
         embed,
         pooled_embed,
@@ -166,8 +178,15 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
 
     cfg = cfg or PretrainConfig()
     out = Path(out)
+    unknown = sorted(set(keep) - set(KEEPABLE))
+    if unknown:
+        raise ValueError(f"cannot keep {', '.join(unknown)}: keepable are {', '.join(KEEPABLE)}")
     out.mkdir(parents=True, exist_ok=True)
     earlier = json.loads((out / "card.json").read_text())["models"] if (out / "card.json").is_file() else {}
+    missing = [k for k in keep if not (out / KEEPABLE[k]).is_dir() or not all(m in earlier for m in _CARD_ENTRIES[k])]
+    if missing:
+        raise FileNotFoundError(f"cannot keep {', '.join(missing)}: {out} holds no earlier run's "
+                                f"{', '.join(KEEPABLE[k] for k in missing)} with its card entry")
     t = time.perf_counter()  # rendering forks workers: before anything touches CUDA
     images, captions, scenes = render_pairs(cfg.seed, "train", cfg.train_pairs, workers)
     ev_images, ev_captions, ev_scenes = render_pairs(cfg.seed, "eval", cfg.eval_pairs, workers)
@@ -184,7 +203,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                             "judge_pairs": cfg.judge_pairs, "held_out_pairs": [list(p) for p in world.HELD_OUT],
                             "render_seconds": round(render_seconds, 1), "render_workers": workers,
                             "rendered": n_rendered},
-                  "config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name() if device == "cuda"
+                  "config": dataclasses.asdict(cfg), "kept": sorted(keep), "device": torch.cuda.get_device_name() if device == "cuda"
                   else "cpu", "models": {}}
     t_all = time.perf_counter()
     print(f"rendered {n_rendered} pairs in {render_seconds:.1f}s ({workers} processes)", flush=True)
@@ -201,7 +220,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
         (out / "CARD.md").write_text(card_markdown(card))
 
     def kept(name: str) -> None:
-        card["models"][name] = dict(earlier[name], how=earlier[name]["how"] + " (kept from an earlier run)")
+        how = earlier[name]["how"]
+        card["models"][name] = dict(earlier[name], how=how if how.endswith(KEPT) else how + KEPT)
         write_card()
 
     data = WorldData(torch.from_numpy(images).to(device), captions, scenes)
@@ -228,11 +248,18 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                info, **reconstruction_error(vae, ev_nchw.permute(0, 2, 3, 1)[:1024]))
     # The judges next: they score every later model. They see their images degraded as a decoder would and, for a
     # share, through this VAE, so that they judge decoded images by what they show, not by their blur.
-    jd_decoded = decode(vae, encode_all(vae, jdata.images[: cfg.judge_decoded]) * vae.config.scaling_factor)
-    jd_decoded = jd_decoded.permute(0, 2, 3, 1).contiguous()
-    ev_decoded = decode(vae, encode_all(vae, ev) * vae.config.scaling_factor)
     judges = {}
+    if "judges" in keep:
+        for name in ("features", "attributes"):
+            kept(f"judges/{name}")
+            judges[name] = load_judge(out / "judges" / name).to(device)
+    else:
+        jd_decoded = decode(vae, encode_all(vae, jdata.images[: cfg.judge_decoded]) * vae.config.scaling_factor)
+        jd_decoded = jd_decoded.permute(0, 2, 3, 1).contiguous()
+        ev_decoded = decode(vae, encode_all(vae, ev) * vae.config.scaling_factor)
     for name, width, dim, seed in (("features", 24, 256, 101), ("attributes", 32, 256, 102)):
+        if "judges" in keep:
+            break
         net, info = train_attribute_net(jdata, cfg.judge_steps, cfg.batch, 2e-3, seed, device, width, dim,
                                         cfg.seconds.get("judge"), decoded=jd_decoded)
         save_judge(net, out / "judges" / name)
@@ -282,26 +309,25 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     # Converted from the saved folder, so that the teacher's text encoder is exactly clip/'s text tower.
     text_encoder = text_encoder_from_open_clip(load_clip(str(out / "clip")).model.float()).to(device)
     init, before = None, {"steps": 0, "seconds": 0.0}
-    if continue_teacher and (out / "teacher" / "unet").is_dir():
-        init = UNet2DConditionModel.from_pretrained(str(out / "teacher" / "unet"))
-        before = {k: earlier.get("teacher", {}).get(k, 0) for k in ("steps", "seconds")}
-    null_ids = tokenize_all(tokenizer, [""], device)
-    unet, info = train_teacher(latents, ids, null_ids, text_encoder, cfg.teacher_steps, cfg.teacher_batch,
-                               cfg.teacher_lr, cfg.seed + 4, device, cfg.unet_width,
-                               max_seconds=cfg.seconds.get("teacher"), init=init)
-    if init is not None:
-        info = {"steps": info["steps"] + before["steps"], "seconds": round(info["seconds"] + before["seconds"], 1),
-                "continued_from_steps": before["steps"]}
-    save_pipeline(unet, vae, text_encoder, load_tokenizer(tok_dir), out / "teacher")
+    if "teacher" in keep:
+        unet = UNet2DConditionModel.from_pretrained(str(out / "teacher" / "unet")).float().to(device).eval()
+        unet.requires_grad_(False)
+    else:
+        if continue_teacher and (out / "teacher" / "unet").is_dir():
+            init = UNet2DConditionModel.from_pretrained(str(out / "teacher" / "unet"))
+            before = {k: earlier.get("teacher", {}).get(k, 0) for k in ("steps", "seconds")}
+        null_ids = tokenize_all(tokenizer, [""], device)
+        unet, info = train_teacher(latents, ids, null_ids, text_encoder, cfg.teacher_steps, cfg.teacher_batch,
+                                   cfg.teacher_lr, cfg.seed + 4, device, cfg.unet_width,
+                                   max_seconds=cfg.seconds.get("teacher"), init=init)
+        if init is not None:
+            info = {"steps": info["steps"] + before["steps"],
+                    "seconds": round(info["seconds"] + before["seconds"], 1), "continued_from_steps": before["steps"]}
+        save_pipeline(unet, vae, text_encoder, load_tokenizer(tok_dir), out / "teacher")
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 5)
     ev_cond = embed(text_encoder, tokenizer, ev_captions, device)
     uncond = embed(text_encoder, tokenizer, [""], device)
     ev_noise = torch.randn(len(ev_captions), 4, 8, 8, generator=gen).to(device)
-    ev_latents = encode_all(vae, ev) * vae.config.scaling_factor
-    metrics = {"vae_reconstruction_floor": {**fid_vs(judges["features"], decode(vae, ev_latents), ev_nchw),
-                                            "alignment": alignment(judges["attributes"], decode(vae, ev_latents),
-                                                                   ev_scenes)},
-               "real_images_alignment": alignment(judges["attributes"], ev_nchw, ev_scenes)}
 
     def teacher_at(g: float) -> dict:
         imgs = decode(vae, sample(unet, ev_cond, uncond, ev_noise, cfg.sample_steps, g))
@@ -310,12 +336,20 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
         return {**fid_vs(judges["features"], imgs, ev_nchw), "alignment": alignment(judges["attributes"], imgs,
                                                                                     ev_scenes)}
 
-    metrics[f"cfg{cfg.guidance}"] = teacher_at(cfg.guidance)  # the other scales once every model is saved
-    record("teacher", f"UNet2DConditionModel (width {cfg.unet_width}, SD2-style linear-projection attention), "
-           f"ε-prediction on the scaled VAE latent means of the training pairs, SD scaled-linear β 1000 steps, 10% "
-           f"null text, EMA 0.998, bf16, batches of {cfg.teacher_batch} at lr {cfg.teacher_lr}; sampled with DDIM "
-           f"{cfg.sample_steps} steps; FID/precision/recall "
-           f"in judges/features space vs the {len(ev)} reference images of the eval captions", info, **metrics)
+    if "teacher" in keep:
+        kept("teacher")
+    else:
+        ev_latents = encode_all(vae, ev) * vae.config.scaling_factor
+        metrics = {"vae_reconstruction_floor": {**fid_vs(judges["features"], decode(vae, ev_latents), ev_nchw),
+                                                "alignment": alignment(judges["attributes"], decode(vae, ev_latents),
+                                                                       ev_scenes)},
+                   "real_images_alignment": alignment(judges["attributes"], ev_nchw, ev_scenes)}
+        metrics[f"cfg{cfg.guidance}"] = teacher_at(cfg.guidance)  # the other scales once every model is saved
+        record("teacher", f"UNet2DConditionModel (width {cfg.unet_width}, SD2-style linear-projection "
+               f"attention), ε-prediction on the scaled VAE latent means of the training pairs, SD scaled-linear β "
+               f"1000 steps, 10% null text, EMA 0.998, bf16, batches of {cfg.teacher_batch} at lr {cfg.teacher_lr}; "
+               f"sampled with DDIM {cfg.sample_steps} steps; FID/precision/recall in judges/features space vs the "
+               f"{len(ev)} reference images of the eval captions", info, **metrics)
 
     # The Turbo analog: distillation targets are the teacher's own 25-step samples for training captions.
     t = time.perf_counter()
@@ -349,7 +383,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     write_card()
     print("every model is saved; the teacher at other guidance scales:", flush=True)
     for g in (2.0, 7.5):
-        if g != cfg.guidance:
+        if g != cfg.guidance and "teacher" not in keep:
             card["models"]["teacher"]["metrics"][f"cfg{g}"] = teacher_at(g)
             print(f"== teacher cfg{g}: {json.dumps(card['models']['teacher']['metrics'][f'cfg{g}'])}", flush=True)
             write_card()
@@ -374,6 +408,8 @@ def _save_grid(images_nchw: torch.Tensor, path: Path, cols: int = 8) -> None:
 def card_markdown(card: dict) -> str:
     lines = ["# The mini-world's pretrained models", "",
              (f"Built by `sb2 miniworld pretrain` on {card['device']} in {card.get('total_seconds', '?')} s "
+              + (f"— the last run, which reused {', '.join(card['kept'])} of earlier runs (their entries keep their "
+                 f"own times) — " if card.get("kept") else "") +
              f"(world seed {card['world']['seed']}, {card['world']['train_pairs']} training pairs, "
              f"{card['world']['eval_pairs']} evaluation captions; held-out (color, shape) pairs: "
              f"{', '.join(' '.join(p) for p in card['world']['held_out_pairs'])})."), ""]
