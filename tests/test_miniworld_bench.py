@@ -17,15 +17,28 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "results.json").read_text())
     assert [label for _, label in record["tables"]] == [label for _, label, _ in ROWS]
-    assert set(record["students"]) == set(STUDENTS)
+    # A and B once per training seed (quick: 0 and 1), every other student once
+    assert set(record["students"]) == set(STUDENTS) | {"A@1", "B@1"}
+    assert record["students"]["A@1"]["overrides"] == ["train.seed=1"] and record["train_seeds"] == [0, 1]
     assert [r["lambda"] for r in record["sweep"]] == [0.0, 0.5, 1.0]
     for row in [*record["rows"].values(), *record["sweep"]]:
         for key in ("fid", "precision", "recall", "clip_score", "alignment"):
             assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["std"]), key
-    # One model in two tables is one set of scores; a merge at λ = 1 is model A exactly.
+    # One model in two tables is one set of scores; a merge at λ = 1 is model A (training seed 0) exactly.
     rows = record["rows"]
     assert rows["SwiftBrush (VSD, Turbo init) = A"]["fid"] == rows["A: full, VSD"]["fid"]
-    assert record["sweep"][-1]["fid"]["runs"][0] == rows["A: full, VSD"]["fid"]["runs"][0]
+    seed0 = rows["A: full, VSD"]["per_train_seed"]["0"]
+    assert record["sweep"][-1]["fid"]["runs"][0] == seed0["fid"]["runs"][0]
+    # The seeded rows are mean ± std over the training seeds of each seed's mean over the noise seeds; the seeds
+    # trained different students.
+    for label in ("A: full, VSD", "B: LoRA, clamped + schedule (B)", "merged A+B, λ = 0.5",
+                  "merged A+B, λ* (best sweep FID)"):
+        row = rows[label]
+        per = [row["per_train_seed"][str(s)]["fid"]["mean"] for s in (0, 1)]
+        assert row["train_seeds"] == [0, 1] and row["fid"]["runs"] == per
+        assert math.isclose(row["fid"]["mean"], sum(per) / 2) and math.isclose(row["fid"]["std"], abs(per[0] - per[1]) / 2)
+    assert rows["A: full, VSD"]["per_train_seed"]["0"]["fid"] != rows["A: full, VSD"]["per_train_seed"]["1"]["fid"]
+    assert "train_seeds" not in rows["B: LoRA, no CLIP loss"] and "train_seeds" not in rows["merged A+B with regularization, λ = 0.5"]
     # the VSD guidance and CLIP-loss τ the students trained with are recorded (the profile's; none without a CLIP loss)
     from sb2.config import load_config
 
@@ -68,9 +81,22 @@ def test_students_trained_in_worker_processes_score_exactly_as_those_trained_in_
         plan.rows, plan.sweep, plan.workers, plan.seeds = list(rows), False, workers, (0,)
         records[workers] = run(tmp_path / f"out{workers}", plan, device="cpu", work=tmp_path / f"work{workers}")
     one, two = records[1], records[2]
-    assert set(two["students"]) == {"A", "B", "A_reg", "B_reg"} and all(i["worker"] for i in two["students"].values())
+    assert set(two["students"]) == {"A", "B", "A@1", "B@1", "A_reg", "B_reg"}
+    assert all(i["worker"] for i in two["students"].values())
     assert not two["failed"] and not two["skipped"]
     for label in rows:
         for key in ("fid", "precision", "recall", "clip_score", "alignment"):
             assert two["rows"][label][key]["runs"] == one["rows"][label][key]["runs"], (label, key)
     assert len(list((tmp_path / "work2" / "regularization_8").glob("*.png"))) == 8
+
+
+def test_training_seeds_name_their_students_and_rows():
+    from sb2.miniworld.bench import STUDENTS, seeded, spec_of, students_of, train_seeded
+
+    assert spec_of("A") == ("full", STUDENTS["A"][2]) and spec_of("B@2") == ("lora", [*STUDENTS["B"][2], "train.seed=2"])
+    assert seeded("merge:A:B:0.5", 2) == "merge:A@2:B@2:0.5" and seeded("student:A", 0) == "student:A"
+    assert train_seeded("merge:A:B:best") and train_seeded("student:B")
+    assert not train_seeded("merge:A_reg:B_reg:0.5") and not train_seeded("student:B_no_clip")
+    assert not train_seeded("turbo") and not train_seeded("sweep")
+    assert students_of("merge:A:B:0.5", (0, 1, 2)) == ["A", "B", "A@1", "B@1", "A@2", "B@2"]
+    assert students_of("student:B_naive", (0, 1, 2)) == ["B_naive"] and students_of("sweep", (0, 1)) == ["A", "B"]

@@ -3,7 +3,10 @@
 Every student is trained by the library's own :func:`sb2.train.loop.train` on the ``miniworld`` profile plus the
 overrides of its row (no training code here), merged by :func:`sb2.merge.merge_weights`, and scored by the evaluation
 stage's own code with the mini-world judges: FID, precision, recall, CLIP score, and alignment accuracy from the
-attribute judge, on the evaluation captions, mean ± std over evaluation (noise) seeds. Each student is trained once.
+attribute judge, on the evaluation captions, mean ± std over evaluation (noise) seeds. The branches A and B and
+their merges are trained once per training seed (``Plan.train_seeds``; a student's FID moves far more with its training
+seed than with the noise seeds it is scored on): their rows are mean ± std over the training seeds of each seed's mean
+over the noise seeds. Every other student is trained once (training seed 0).
 
 Rows (``ROWS``), grouped as the paper's tables: the teacher at 25 DDIM steps with cfg 2, 4.5, 7.5 (Table 1); the
 Turbo analog, SwiftBrush from the teacher, SwiftBrush from the Turbo analog (Table 2); branch A (full, VSD) and
@@ -40,6 +43,31 @@ STUDENTS: dict[str, tuple[str, str, list[str]]] = {
     "A_reg": ("full", "full", ["regularization.enabled=true", "regularization.source={reg}"]),
     "B_reg": ("lora", "lora", ["regularization.enabled=true", "regularization.source={reg}"]),
 }
+
+# Students trained once per training seed (``Plan.train_seeds``): the target's branches. Student "A" is training
+# seed 0; "A@1" the same row's student at train.seed=1.
+SEEDED = ("A", "B")
+
+
+def spec_of(name: str) -> tuple[str, list[str]]:
+    """(scheme, overrides) of student ``name``: ``STUDENTS[name]``, or for ``"A@1"`` A's with ``train.seed=1``."""
+    base, _, seed = name.partition("@")
+    _, scheme, overrides = STUDENTS[base]
+    return scheme, list(overrides) + ([f"train.seed={int(seed)}"] if seed else [])
+
+
+def seeded(what: str, seed: int) -> str:
+    """A row's ``what`` for training seed ``seed``: its students of ``SEEDED`` renamed ("student:A" → "student:A@1")."""
+    if seed == 0:
+        return what
+    return ":".join(f"{part}@{seed}" if part in SEEDED else part for part in what.split(":"))
+
+
+def train_seeded(what: str) -> bool:
+    """Whether a row is scored per training seed: every student it needs is one of ``SEEDED``."""
+    need = students_of(what)
+    return bool(need) and what != "sweep" and all(n in SEEDED for n in need)
+
 
 # Table rows: (table, label, what is scored). Labels are the keys of results.json's "rows".
 ROWS: list[tuple[str, str, str]] = [
@@ -78,6 +106,8 @@ class Plan:
     batch_size: int = 64
     lambdas: tuple[float, ...] = SWEEP
     sweep_seeds: int = 3  # the first this many of ``seeds`` score each λ of the sweep
+    # training seeds of the students of SEEDED (A, B) and of their rows (the sweep and samples use seed 0's)
+    train_seeds: tuple[int, ...] = (0, 1, 2)
     reg_pairs: int = 4000  # real training-split pairs rendered for the regularization (share 5% of the steps)
     grid_captions: int = 8
     rows: list[str] = field(default_factory=lambda: [label for _, label, _ in ROWS])
@@ -96,12 +126,13 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         return cls(num_captions=16, seeds=(0, 1), teacher_steps=1, train_steps=1, batch_size=2,
-                   lambdas=(0.0, 0.5, 1.0), sweep_seeds=1, reg_pairs=8, grid_captions=4, name="quick")
+                   lambdas=(0.0, 0.5, 1.0), sweep_seeds=1, reg_pairs=8, grid_captions=4, train_seeds=(0, 1),
+                   name="quick")
 
     @classmethod
     def demo(cls) -> Plan:
         return cls(num_captions=192, seeds=(0,), teacher_steps=25, train_steps=30, batch_size=16, sweep=False,
-                   rows=list(DEMO_ROWS), grid_captions=8, full_lr=1e-6, lora_lr=None, name="demo")
+                   rows=list(DEMO_ROWS), grid_captions=8, full_lr=1e-6, lora_lr=None, train_seeds=(0,), name="demo")
 
 
 @dataclass
@@ -152,12 +183,12 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
                   spec: tuple[str, list[str]] | None = None) -> tuple[Path, dict]:
     """Train student ``name`` (the library's train() on the ``miniworld`` profile + the plan's sizes + the row's own
     overrides, which win) into ``work/students/<name>``; returns its folder and what it trained with. ``spec`` is
-    (scheme, overrides), by default ``STUDENTS[name]``'s — passed explicitly to worker processes, which import this
+    (scheme, overrides), by default ``spec_of(name)`` — passed explicitly to worker processes, which import this
     module afresh."""
     from sb2.config import load_config
     from sb2.train.loop import train
 
-    scheme, extra = spec if spec is not None else STUDENTS[name][1:]
+    scheme, extra = spec if spec is not None else spec_of(name)
     reg = work / f"regularization_{plan.reg_pairs}"
     if _needs_regularization(extra) and not reg.is_dir():
         write_regularization_folder(reg, plan.reg_pairs)
@@ -187,8 +218,11 @@ def _needs_regularization(overrides: list[str]) -> bool:
     return any("{reg}" in o for o in overrides)
 
 
-def students_of(what: str) -> list[str]:
-    """The students a row's ``what`` (or "sweep") needs trained."""
+def students_of(what: str, train_seeds: tuple[int, ...] = (0,)) -> list[str]:
+    """The students a row's ``what`` (or "sweep") needs trained; with ``train_seeds``, those of each seed for a row
+    scored per training seed."""
+    if len(train_seeds) > 1 and train_seeded(what):
+        return [n for s in train_seeds for n in students_of(seeded(what, s))]
     kind, *args = what.split(":")
     if what == "sweep":
         return ["A", "B"]
@@ -282,7 +316,7 @@ class Bench:
         names = [n for n in dict.fromkeys(names) if n not in self.students]
         if not names:
             return
-        if any(_needs_regularization(STUDENTS[n][2]) for n in names):  # written once, here, not by two workers
+        if any(_needs_regularization(spec_of(n)[1]) for n in names):  # written once, here, not by two workers
             reg = self.work / f"regularization_{self.plan.reg_pairs}"
             if not reg.is_dir():
                 write_regularization_folder(reg, self.plan.reg_pairs)
@@ -297,7 +331,7 @@ class Bench:
                                         max_tasks_per_child=1)
         for n in names:
             self.pending[n] = self.pool.submit(_train_student_worker, n, self.plan, self.root, self.work,
-                                               self.base_overrides, STUDENTS[n][1:], threads)
+                                               self.base_overrides, spec_of(n), threads)
 
     def stop_workers(self) -> None:
         """Stop students still training (a row past the budget will not need them): SIGKILL, not SIGTERM, which
@@ -364,17 +398,32 @@ class Bench:
                     "std": statistics.pstdev([r[k] for r in runs]) if len(runs) > 1 else 0.0,
                     "runs": [r[k] for r in runs]} for k in runs[0]}
 
+    def score_train_seeds(self, what: str) -> dict:
+        """Score a row's students of every training seed (each over the noise seeds): per metric, the mean and std
+        over the training seeds of each one's mean; ``runs`` holds those per-seed means, ``noise_std`` the mean of
+        their std over the noise seeds, ``per_train_seed`` each seed's full scores."""
+        per = {}
+        for s in self.plan.train_seeds:
+            per[s] = self.score(self.generator(seeded(what, s)), self.plan.seeds)
+        out = {k: {"mean": statistics.fmean(per[s][k]["mean"] for s in per),
+                   "std": statistics.pstdev([per[s][k]["mean"] for s in per]),
+                   "runs": [per[s][k]["mean"] for s in per],
+                   "noise_std": statistics.fmean(per[s][k]["std"] for s in per)} for k in per[self.plan.train_seeds[0]]}
+        return {**out, "train_seeds": list(per), "per_train_seed": {str(s): per[s] for s in per}}
+
     def run_row(self, label: str) -> None:
         what = {lab: w for _, lab, w in ROWS}[label]
         t = time.perf_counter()
         same = [lab for lab, r in self.rows.items() if r["what"] == what]
         if same:  # one model in two tables (SwiftBrush from Turbo is branch A): scored once
             self.rows[label] = dict(self.rows[same[0]])
+        elif len(self.plan.train_seeds) > 1 and train_seeded(what):
+            self.rows[label] = {"what": what, **self.score_train_seeds(what)}
         else:
             gen = self.generator(what)
             self.rows[label] = {"what": what, **self.score(gen, self.plan.seeds)}
-            if what.endswith(":best"):
-                self.rows[label]["lambda"] = self.best_lambda()
+        if what.endswith(":best") and not same:
+            self.rows[label]["lambda"] = self.best_lambda()
         self.timings[label] = round(time.perf_counter() - t, 1)
         r = self.rows[label]
         print(f"[{self.elapsed():6.0f} s] {label}: FID {r['fid']['mean']:.4g}, precision {r['precision']['mean']:.3f}, "
@@ -406,7 +455,8 @@ class Bench:
                 "vsd_guidance": next((t.get("vsd_guidance") for t in self.train_info.values()), None),
                 "clip_tau": next((t["clip_tau"] for t in self.train_info.values() if t.get("clip_tau") is not None),
                                  None),
-                "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "world": str(self.root),
+                "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "train_seeds": list(p.train_seeds),
+                "world": str(self.root),
                 "rows": self.rows, "tables": [[t, lab] for t, lab, _ in ROWS if lab in self.rows],
                 "sweep": self.sweep, "students": self.train_info, "skipped": self.skipped, "failed": self.failed,
                 "seconds": {"setup": round(self.setup_s, 1), **self.timings, "total": round(self.elapsed(), 1)}}
@@ -443,7 +493,7 @@ def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path
     whats = {label: what for _, label, what in ROWS} | {"sweep": "sweep"}
     if plan.workers > 1:
         b.start_workers([n for label in ORDER if (plan.sweep if label == "sweep" else label in plan.rows)
-                         for n in students_of(whats[label])])
+                         for n in students_of(whats[label], plan.train_seeds)])
     try:
         _run_rows(b, plan, out, save)
     finally:

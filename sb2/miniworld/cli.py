@@ -22,6 +22,8 @@ def pretrain(
                                                         "teacher. Keeping all six retrains the Turbo analog "
                                                         "alone.")] = None,
     continue_teacher: Annotated[bool, typer.Option(help="Start the teacher from --out's teacher UNet.")] = False,
+    turbo_pairs: Annotated[int | None, typer.Option(min=1, help="Teacher samples the Turbo analog is distilled "
+                                                                "on (default 16,384).")] = None,
     seconds: Annotated[list[str] | None, typer.Option(help="Time cap of one trainer, NAME=SECONDS (repeatable): "
                                                            "vae, tiny_vae, clip, judge, judge_clip, teacher, turbo.")] = None,
 ):
@@ -36,6 +38,8 @@ def pretrain(
     for name in keep or ():
         if name not in KEEPABLE:
             raise typer.BadParameter(f"{name!r}: keepable are {', '.join(KEEPABLE)}", param_hint="--keep")
+    if turbo_pairs is not None:
+        cfg.turbo_pairs = turbo_pairs
     for item in seconds or ():
         name, _, value = item.partition("=")
         if name not in PretrainConfig().seconds or not value:

@@ -48,21 +48,19 @@ class PretrainConfig:
     teacher_steps: int = 20_000
     teacher_batch: int = 1024
     teacher_lr: float = 4e-4
-    turbo_pairs: int = 65_536
+    turbo_pairs: int = 16_384
     turbo_steps: int = 3000
     turbo_batch: int = 512
     turbo_lr: float = 1e-4
     judge_decoded: int = 16_384  # judge images also shown as VAE reconstructions (a share of each judge batch)
     sample_steps: int = 25
     guidance: float = 4.5
-    # Time caps (seconds) per trainer: a trainer stops at its step count or its cap, whichever comes first, and its
-    # learning rate anneals over whichever it is. They sum to 560 s; rendering, CUDA start-up, encoding, sampling,
-    # metrics and the Turbo analog's 65,536 distillation targets add ≈ 2 min on one H100, so a build from scratch
-    # takes ≈ 11 minutes. The committed world was built in stages (``--continue-teacher``, ``--keep``; its card has
-    # each model's own time). The first build gave the VAE 50 s and
+    # Time caps (seconds) per trainer, so that the whole build fits ~8 minutes on one H100 (≈ 60 s more go to
+    # rendering, CUDA start-up, encoding, sampling and metrics): a trainer stops at its step count or its cap,
+    # whichever comes first, and its learning rate anneals over whichever it is. The first build gave the VAE 50 s and
     # it bounded everything after it (its reconstructions lost small shapes): the VAE and the teacher share the bulk.
     seconds: dict = dataclasses.field(default_factory=lambda: {
-        "judge": 14, "clip": 28, "judge_clip": 12, "vae": 150, "tiny_vae": 12, "teacher": 150, "turbo": 180})
+        "judge": 14, "clip": 28, "judge_clip": 12, "vae": 150, "tiny_vae": 12, "teacher": 150, "turbo": 30})
 
     @classmethod
     def quick(cls) -> PretrainConfig:

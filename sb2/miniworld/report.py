@@ -20,8 +20,12 @@ def results_markdown(record: dict) -> str:
              "mean nothing)", "demo": "Mini-world demo (CPU, a short schedule)"}[record["plan"]]
     lines = [f"# {title}", "",
              (f"{record['num_captions']} evaluation captions (one image each), evaluation seeds {record['seeds']}: "
-             f"mean ± std over those noise seeds; **each student is trained once** (seed 0, "
-             f"{record['train_steps']} steps × batch {record['batch_size']}, student lr {record['student_lr']['full']} (full) / "
+             f"mean ± std over those noise seeds; "
+             + (f"**rows marked ‡ (A, B and their merges) are trained once per training seed "
+                f"{record['train_seeds']}: mean ± std over the training seeds** of each one's mean over the noise "
+                f"seeds; every other student is trained once, at seed 0 (all: "
+                if len(record.get("train_seeds") or [0]) > 1 else "**each student is trained once** (seed 0, ")
+             + f"{record['train_steps']} steps × batch {record['batch_size']}, student lr {record['student_lr']['full']} (full) / "
              f"{record['student_lr']['lora']} (LoRA), "
              + (f"VSD guidance {record['vsd_guidance']}, " if record.get("vsd_guidance") is not None else "")
              + (f"CLIP-loss τ {record['clip_tau']}, " if record.get("clip_tau") is not None else "")
@@ -37,7 +41,8 @@ def results_markdown(record: dict) -> str:
             table = tname
             lines += ["", f"## {tname}", "", "| model | " + " | ".join(h for _, h in KEYS) + " |",
                       "| --- |" + " --- |" * len(KEYS)]
-        name = label + (f" (λ* = {rows[label]['lambda']})" if "lambda" in rows[label] else "")
+        name = label + (f" (λ* = {rows[label]['lambda']})" if "lambda" in rows[label] else "") + (
+            " ‡" if len(rows[label].get("train_seeds") or [0]) > 1 else "")
         lines.append(f"| {name} | " + " | ".join(_cell(rows[label][k]) for k, _ in KEYS) + " |")
     if record["sweep"]:
         lines += ["", "## λ sweep: θ = λ·θ_A + (1 − λ)·θ_B (A = full VSD, B = LoRA + clamped CLIP + schedule)", "",
