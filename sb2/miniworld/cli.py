@@ -113,6 +113,8 @@ def bench(
     captions: Annotated[int | None, typer.Option(help="Evaluation captions (default 2048).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Evaluation (noise) seeds per model (default 3).")] = None,
     sweep_seeds: Annotated[int | None, typer.Option(help="Seeds per λ of the sweep (default 3).")] = None,
+    train_seeds: Annotated[int | None, typer.Option(min=1, help="Training seeds of A, B and their merges (default "
+                                                                "3; every other student trains once).")] = None,
     budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
     lr_full: Annotated[float | None, typer.Option(help="optim.student_lr of the full-scheme students "
                                                        "(default 1e-6, the paper's; 1e-5 collapsed).")] = None,
@@ -137,6 +139,8 @@ def bench(
             setattr(plan, name, value)
     if seeds is not None:
         plan.seeds = tuple(range(seeds))
+    if train_seeds is not None:
+        plan.train_seeds = tuple(range(train_seeds))
     record = run(out, plan, device=device, work=work, world_dir=world)
     typer.echo(f"{len(record['rows'])} rows in {record['seconds']['total']:.0f} s written to {out / 'results.md'}")
 
