@@ -56,7 +56,7 @@ def main() -> None:
         bench.STUDENTS[row] = (group, scheme, base[row] + overrides)
         plan = bench.Plan(num_captions=args.captions, seeds=(0,), train_steps=args.steps, batch_size=args.batch,
                           sweep=False, rows=[LABELS[row]], full_lr=args.lr_full, lora_lr=args.lr_lora,
-                          grid_captions=4)
+                          grid_captions=4, train_seeds=(0,))  # one student a variant: a variant sets train.seed
         rec = bench.run(f"/tmp/{args.name}/out{i}", plan, device=args.device, work=f"/tmp/{args.name}/work{i}")
         r = rec["rows"][LABELS[row]]
         results.append({"variant": spec, **{k: r[k]["mean"] for k in ("fid", "precision", "recall", "clip_score",

@@ -100,3 +100,57 @@ def test_training_seeds_name_their_students_and_rows():
     assert not train_seeded("turbo") and not train_seeded("sweep")
     assert students_of("merge:A:B:0.5", (0, 1, 2)) == ["A", "B", "A@1", "B@1", "A@2", "B@2"]
     assert students_of("student:B_naive", (0, 1, 2)) == ["B_naive"] and students_of("sweep", (0, 1)) == ["A", "B"]
+
+
+def test_a_worker_that_dies_fails_its_students_instead_of_hanging_the_bench(tmp_path):
+    """A worker process killed mid-training (as the kernel's OOM killer would) breaks the pool: every student still
+    pending fails with BrokenProcessPool within seconds, is recorded as failed, and stopping the workers returns."""
+    import os
+    import signal
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    import pytest
+
+    from sb2.miniworld.bench import Bench, Plan
+    from sb2.miniworld.judges import world_root
+
+    plan = Plan.quick()
+    plan.workers, plan.train_seeds = 2, (0,)
+    b = Bench(tmp_path / "out", tmp_path / "work", plan, "cpu", world_root().resolve())
+    b.start_workers(["A", "B"])
+    t0 = time.monotonic()
+    while not b.pool._processes and time.monotonic() - t0 < 60:  # spawned on submit; wait until one exists
+        time.sleep(0.05)
+    victim = next(iter(b.pool._processes))
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    for name in ("A", "B"):
+        with pytest.raises(BrokenProcessPool):
+            b.student(name)
+        assert "BrokenProcessPool" in b.failed_students[name]
+        with pytest.raises(RuntimeError, match="failed to train"):  # asked again: the recorded failure, at once
+            b.student(name)
+    assert time.monotonic() - t0 < 60 and not b.students
+    b.stop_workers()
+    assert b.pool is None and not b.pending
+
+
+def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
+    """bench/miniworld_tune.py: a variant is one student (the bench's own training and scoring) with the variant's
+    overrides — not the bench's three training seeds of A."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "A|train.seed=1",
+                        "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
+                        "--name", f"tune_test_{os.getpid()}"],
+                       cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (variant,) = json.loads((tmp_path / f"tune_test_{os.getpid()}.json").read_text())
+    assert variant["variant"] == "A|train.seed=1" and variant["train"]["overrides"] == ["train.seed=1"]
+    assert "trained A@1" not in r.stdout and r.stdout.count("trained A ") == 1
