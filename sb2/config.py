@@ -271,7 +271,7 @@ class TrainConfig(_Strict):
     # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so
     # GroupNorm/LayerNorm stay bf16 instead of round trips through fp32 (eager profile on an H100: casts, elementwise
     # and normalization kernels are 44% of the step's GPU time). Measured on an H100 (eager, full scheme, batch 16):
-    # 552 ms against 533 ms with autocast — 3.5% slower, so it stays true (BENCHMARKS.md).
+    # 552 ms against 534 ms with autocast — 3.5% slower, so it stays true (BENCHMARKS.md).
     frozen_autocast: bool = True
     ddp: DDPConfig = DDPConfig()
 

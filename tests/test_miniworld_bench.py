@@ -48,6 +48,8 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
     md = (out / "results.md").read_text()
     assert f"VSD guidance {prof.vsd.guidance_scale}, CLIP-loss τ {prof.clip_loss.tau}" in md
     assert "QUICK" in md and "## Target" in md and all(label in md for _, label, _ in ROWS)
+    assert "| A: full, VSD ‡ |" in md and "trained once per training seed [0, 1]" in md
+    assert "| B: LoRA, no CLIP loss |" in md  # trained once: no mark
     assert (out / "lambda_sweep.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
 
 
@@ -154,3 +156,23 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
     (variant,) = json.loads((tmp_path / f"tune_test_{os.getpid()}.json").read_text())
     assert variant["variant"] == "A|train.seed=1" and variant["train"]["overrides"] == ["train.seed=1"]
     assert "trained A@1" not in r.stdout and r.stdout.count("trained A ") == 1
+
+
+def test_a_training_seed_whose_student_failed_is_left_out_of_its_rows(tmp_path):
+    from sb2.miniworld.bench import Bench, Plan
+    from sb2.miniworld.judges import world_root
+    from sb2.miniworld.report import results_markdown
+
+    plan = Plan.quick()
+    plan.seeds = (0,)
+    b = Bench(tmp_path / "out", tmp_path / "work", plan, "cpu", world_root().resolve())
+    b.failed_students["B@1"] = "OutOfMemoryError: as a dead worker would leave it"
+    b.run_row("A: full, VSD")
+    b.run_row("merged A+B, λ = 0.5")
+    a, merged = b.rows["A: full, VSD"], b.rows["merged A+B, λ = 0.5"]
+    assert a["train_seeds"] == [0, 1] and "failed_train_seeds" not in a  # A@1 trained: both seeds
+    assert merged["train_seeds"] == [0] and list(merged["failed_train_seeds"]) == ["1"]
+    assert "failed to train" in merged["failed_train_seeds"]["1"] and merged["fid"]["std"] == 0.0
+    assert merged["fid"]["runs"] == [merged["per_train_seed"]["0"]["fid"]["mean"]]
+    md = results_markdown(b.record())
+    assert "| merged A+B, λ = 0.5 ‡ (training seeds [0] only; 1 failed to train) |" in md

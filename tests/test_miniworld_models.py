@@ -121,10 +121,14 @@ def test_pretrain_time_caps_are_checked_before_anything_runs(tmp_path):
     assert not (tmp_path / "w").exists()  # refused before rendering or training
 
 
-def test_keeping_every_other_model_retrains_the_turbo_analog_alone(quick_world, tmp_path):
+def test_keeping_every_other_model_retrains_the_turbo_analog_alone(quick_world, tmp_path, monkeypatch):
     import hashlib
     import shutil
 
+    import sb2.miniworld.clip
+    import sb2.miniworld.judges
+    import sb2.miniworld.teacher
+    import sb2.miniworld.vae
     from sb2.miniworld.pretrain import KEEPABLE, PretrainConfig, pretrain
 
     out = tmp_path / "w"
@@ -134,6 +138,13 @@ def test_keeping_every_other_model_retrains_the_turbo_analog_alone(quick_world, 
         return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a kept model was trained again")
+
+    for module, name in ((sb2.miniworld.vae, "train_vae"), (sb2.miniworld.vae, "train_tiny_vae"),
+                         (sb2.miniworld.clip, "train_clip"), (sb2.miniworld.judges, "train_attribute_net"),
+                         (sb2.miniworld.teacher, "train_teacher")):
+        monkeypatch.setattr(module, name, must_not_train)
     before = {k: digests(out / v) for k, v in KEEPABLE.items()}
     turbo_before = digests(out / "turbo")
     old = json.loads((out / "card.json").read_text())["models"]
@@ -152,15 +163,52 @@ def test_keeping_every_other_model_retrains_the_turbo_analog_alone(quick_world, 
     assert again["models"]["teacher"]["how"].count("kept from an earlier run") == 1
 
 
-def test_keep_refuses_unknown_or_missing_models(tmp_path):
+def test_keep_lists_kept_models_from_the_start_and_fills_missing_teacher_metrics(quick_world, tmp_path,
+                                                                                  monkeypatch):
+    """A run killed before it reached a kept model still leaves that model's card entry (so the next --keep works);
+    a kept teacher whose earlier run died before its cfg 2 / 7.5 metrics gets them."""
+    import shutil
+
+    import sb2.miniworld.turbo
+    from sb2.miniworld.pretrain import KEEPABLE, PretrainConfig, pretrain
+
+    out = tmp_path / "w"
+    shutil.copytree(quick_world, out)
+    card = json.loads((out / "card.json").read_text())
+    del card["models"]["teacher"]["metrics"]["cfg2.0"]
+    (out / "card.json").write_text(json.dumps(card))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sb2.miniworld.turbo, "train_turbo", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(out, PretrainConfig.quick(), device="cpu", keep=tuple(KEEPABLE))
+    left = json.loads((out / "card.json").read_text())["models"]
+    assert {"teacher", "teacher/vae", "clip", "judges/features"} <= set(left)
+    monkeypatch.undo()
+    card = pretrain(out, PretrainConfig.quick(), device="cpu", keep=tuple(KEEPABLE))
+    assert set(card["models"]["teacher"]["metrics"]["cfg2.0"]) == {"fid", "precision", "recall", "alignment"}
+
+
+def test_keep_refuses_unknown_missing_or_inconsistent_models(tmp_path):
     from typer.testing import CliRunner
 
     from sb2.miniworld.cli import app
-    from sb2.miniworld.pretrain import PretrainConfig, pretrain
+    from sb2.miniworld.pretrain import PretrainConfig, check_keep, pretrain
 
-    result = CliRunner().invoke(app, ["pretrain", "--quick", "--device", "cpu", "--out", str(tmp_path / "w"),
-                                      "--keep", "unet"])
-    assert result.exit_code == 2 and "keepable are" in " ".join(result.output.replace("│", " ").split())
-    with pytest.raises(FileNotFoundError, match="no earlier run's teacher/unet"):
-        pretrain(tmp_path / "empty", PretrainConfig.quick(), device="cpu", keep=("teacher",))
+    def refused(*args):
+        result = CliRunner().invoke(app, ["pretrain", "--quick", "--device", "cpu", "--out", str(tmp_path / "w"),
+                                          *args])
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.replace("│", " ").split())
+
+    assert "keepable are" in refused("--keep", "unet")
+    assert "needs keeping vae, clip, judges too" in refused("--keep", "teacher")  # a teacher needs its VAE, text, judges
+    assert "needs keeping vae" in refused("--keep", "tiny_vae")
+    assert "pick one" in refused("--keep", "vae", "--keep", "clip", "--keep", "judges", "--keep", "teacher",
+                                 "--continue-teacher")
+    check_keep(("vae", "tiny_vae", "clip", "judges", "teacher"))  # consistent: accepted
+    with pytest.raises(FileNotFoundError, match="no earlier run's teacher/vae"):
+        pretrain(tmp_path / "empty", PretrainConfig.quick(), device="cpu", keep=("vae",))
     assert not (tmp_path / "w").exists()

@@ -401,15 +401,24 @@ class Bench:
     def score_train_seeds(self, what: str) -> dict:
         """Score a row's students of every training seed (each over the noise seeds): per metric, the mean and std
         over the training seeds of each one's mean; ``runs`` holds those per-seed means, ``noise_std`` the mean of
-        their std over the noise seeds, ``per_train_seed`` each seed's full scores."""
-        per = {}
+        their std over the noise seeds, ``per_train_seed`` each seed's full scores. A seed whose student failed is
+        left out and named in ``failed_train_seeds``; the row fails only when every seed did."""
+        per, failed = {}, {}
         for s in self.plan.train_seeds:
-            per[s] = self.score(self.generator(seeded(what, s)), self.plan.seeds)
+            try:
+                per[s] = self.score(self.generator(seeded(what, s)), self.plan.seeds)
+            except Exception as e:  # noqa: BLE001 — a seed whose student failed costs that seed, not the row
+                traceback.print_exc()
+                failed[str(s)] = f"{type(e).__name__}: {e}"
+        if not per:
+            raise RuntimeError(f"no training seed of {what} could be scored: {failed}")
+        first = next(iter(per.values()))
         out = {k: {"mean": statistics.fmean(per[s][k]["mean"] for s in per),
                    "std": statistics.pstdev([per[s][k]["mean"] for s in per]),
                    "runs": [per[s][k]["mean"] for s in per],
-                   "noise_std": statistics.fmean(per[s][k]["std"] for s in per)} for k in per[self.plan.train_seeds[0]]}
-        return {**out, "train_seeds": list(per), "per_train_seed": {str(s): per[s] for s in per}}
+                   "noise_std": statistics.fmean(per[s][k]["std"] for s in per)} for k in first}
+        return {**out, "train_seeds": list(per), "per_train_seed": {str(s): per[s] for s in per},
+                **({"failed_train_seeds": failed} if failed else {})}
 
     def run_row(self, label: str) -> None:
         what = {lab: w for _, lab, w in ROWS}[label]

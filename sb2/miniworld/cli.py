@@ -32,12 +32,13 @@ def pretrain(
     from sb2.miniworld.pretrain import PretrainConfig
     from sb2.miniworld.pretrain import pretrain as run
 
-    from sb2.miniworld.pretrain import KEEPABLE
+    from sb2.miniworld.pretrain import check_keep
 
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
-    for name in keep or ():
-        if name not in KEEPABLE:
-            raise typer.BadParameter(f"{name!r}: keepable are {', '.join(KEEPABLE)}", param_hint="--keep")
+    try:
+        check_keep(tuple(keep or ()), continue_teacher)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--keep") from None
     if turbo_pairs is not None:
         cfg.turbo_pairs = turbo_pairs
     for item in seconds or ():

@@ -72,13 +72,31 @@ class PretrainConfig:
                    judge_pairs=128, judge_decoded=64, seconds={})
 
 
-# What ``keep`` can reuse from an earlier run: the folder that must exist and the card entries it carries over.
+# What ``keep`` can reuse from an earlier run: the folder it lives in, the card entries (each also a folder) it
+# carries over, and the models it was trained against, which must then be kept too — a teacher kept beside a new VAE
+# or text encoder would no longer match its pipeline, its metrics were measured by the earlier judges, and the
+# TinyVAE and the judges learned the earlier VAE's latents and reconstructions.
 KEEPABLE = {"vae": "teacher/vae", "tiny_vae": "tiny_vae", "clip": "clip", "judges/clip": "judges/clip",
             "judges": "judges", "teacher": "teacher/unet"}
 _CARD_ENTRIES = {"vae": ("teacher/vae",), "tiny_vae": ("tiny_vae",), "clip": ("clip",),
                  "judges/clip": ("judges/clip",), "judges": ("judges/features", "judges/attributes"),
                  "teacher": ("teacher",)}
+KEEP_NEEDS = {"tiny_vae": ("vae",), "judges": ("vae",), "teacher": ("vae", "clip", "judges")}
 KEPT = " (kept from an earlier run)"
+
+
+def check_keep(keep, continue_teacher: bool = False) -> None:
+    """Refuse keep sets that would leave the world inconsistent (ValueError), before anything runs."""
+    unknown = sorted(set(keep) - set(KEEPABLE))
+    if unknown:
+        raise ValueError(f"cannot keep {', '.join(unknown)}: keepable are {', '.join(KEEPABLE)}")
+    for k in keep:
+        lacking = [n for n in KEEP_NEEDS.get(k, ()) if n not in keep]
+        if lacking:
+            raise ValueError(f"keeping {k} needs keeping {', '.join(lacking)} too: it was trained or measured "
+                             f"against them")
+    if continue_teacher and "teacher" in keep:
+        raise ValueError("--continue-teacher trains the teacher on, --keep teacher keeps it as it is: pick one")
 
 
 def _render(args) -> np.ndarray:
@@ -176,15 +194,15 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
 
     cfg = cfg or PretrainConfig()
     out = Path(out)
-    unknown = sorted(set(keep) - set(KEEPABLE))
-    if unknown:
-        raise ValueError(f"cannot keep {', '.join(unknown)}: keepable are {', '.join(KEEPABLE)}")
+    keep = tuple(sorted(set(keep)))
+    check_keep(keep, continue_teacher)
     out.mkdir(parents=True, exist_ok=True)
     earlier = json.loads((out / "card.json").read_text())["models"] if (out / "card.json").is_file() else {}
-    missing = [k for k in keep if not (out / KEEPABLE[k]).is_dir() or not all(m in earlier for m in _CARD_ENTRIES[k])]
+    missing = [k for k in keep if not (out / KEEPABLE[k]).is_dir()
+               or not all((out / m).is_dir() and m in earlier for m in _CARD_ENTRIES[k])]
     if missing:
         raise FileNotFoundError(f"cannot keep {', '.join(missing)}: {out} holds no earlier run's "
-                                f"{', '.join(KEEPABLE[k] for k in missing)} with its card entry")
+                                f"{', '.join(m for k in missing for m in _CARD_ENTRIES[k])} with its card entry")
     t = time.perf_counter()  # rendering forks workers: before anything touches CUDA
     images, captions, scenes = render_pairs(cfg.seed, "train", cfg.train_pairs, workers)
     ev_images, ev_captions, ev_scenes = render_pairs(cfg.seed, "eval", cfg.eval_pairs, workers)
@@ -222,6 +240,9 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
         card["models"][name] = dict(earlier[name], how=how if how.endswith(KEPT) else how + KEPT)
         write_card()
 
+    for k in keep:  # the card carries every kept model from the start: a run killed early still lists them
+        for name in _CARD_ENTRIES[k]:
+            kept(name)
     data = WorldData(torch.from_numpy(images).to(device), captions, scenes)
     jdata = WorldData(torch.from_numpy(jd_images).to(device), jd_captions, jd_scenes)
     ev = torch.from_numpy(ev_images).to(device)
@@ -234,7 +255,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     print(f"tokenized in {time.perf_counter() - t:.1f}s", flush=True)
 
     if "vae" in keep:
-        kept("teacher/vae")
         vae = AutoencoderKL.from_pretrained(str(out / "teacher" / "vae")).to(device).eval().requires_grad_(False)
     else:
         vae, info = train_vae(data, cfg.vae_steps, cfg.vae_batch, 1e-3, cfg.seed + 2, device, cfg.vae_width,
@@ -249,7 +269,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     judges = {}
     if "judges" in keep:
         for name in ("features", "attributes"):
-            kept(f"judges/{name}")
             judges[name] = load_judge(out / "judges" / name).to(device)
     else:
         jd_decoded = decode(vae, encode_all(vae, jdata.images[: cfg.judge_decoded]) * vae.config.scaling_factor)
@@ -277,7 +296,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
              jdata, jd_ids)):
         group = min(64, len(ev_captions))
         if name in keep:
-            kept(name)
             clips[name] = load_clip(str(out / name), device=device).model
             continue
         mcfg = clip_config(**mcfg_kw)
@@ -294,9 +312,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                train=retrieval_accuracy(model.float(), tokenizer, d.images[:len(ev)], d.captions[:len(ev)], group))
 
     latents = encode_all(vae, data.images) * vae.config.scaling_factor
-    if "tiny_vae" in keep:
-        kept("tiny_vae")
-    else:
+    if "tiny_vae" not in keep:
         tiny, info = train_tiny_vae(vae, data, latents / vae.config.scaling_factor, cfg.tiny_vae_steps, cfg.batch,
                                     1e-3, cfg.seed + 3, device, cfg.vae_width, cfg.seconds.get("tiny_vae"))
         save_half(tiny, out / "tiny_vae")
@@ -334,9 +350,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
         return {**fid_vs(judges["features"], imgs, ev_nchw), "alignment": alignment(judges["attributes"], imgs,
                                                                                     ev_scenes)}
 
-    if "teacher" in keep:
-        kept("teacher")
-    else:
+    if "teacher" not in keep:
         ev_latents = encode_all(vae, ev) * vae.config.scaling_factor
         metrics = {"vae_reconstruction_floor": {**fid_vs(judges["features"], decode(vae, ev_latents), ev_nchw),
                                                 "alignment": alignment(judges["attributes"], decode(vae, ev_latents),
@@ -380,8 +394,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     shutil.rmtree(tok_dir, ignore_errors=True)
     write_card()
     print("every model is saved; the teacher at other guidance scales:", flush=True)
-    for g in (2.0, 7.5):
-        if g != cfg.guidance and "teacher" not in keep:
+    for g in (2.0, 7.5):  # a kept teacher gets those an earlier run did not live to compute
+        if g != cfg.guidance and f"cfg{g}" not in card["models"]["teacher"]["metrics"]:
             card["models"]["teacher"]["metrics"][f"cfg{g}"] = teacher_at(g)
             print(f"== teacher cfg{g}: {json.dumps(card['models']['teacher']['metrics'][f'cfg{g}'])}", flush=True)
             write_card()

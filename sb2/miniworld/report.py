@@ -41,13 +41,19 @@ def results_markdown(record: dict) -> str:
             table = tname
             lines += ["", f"## {tname}", "", "| model | " + " | ".join(h for _, h in KEYS) + " |",
                       "| --- |" + " --- |" * len(KEYS)]
-        name = label + (f" (λ* = {rows[label]['lambda']})" if "lambda" in rows[label] else "") + (
-            " ‡" if len(rows[label].get("train_seeds") or [0]) > 1 else "")
+        r = rows[label]
+        name = label + (f" (λ* = {r['lambda']})" if "lambda" in r else "") + (
+            " ‡" if len(r.get("train_seeds") or [0]) > 1 or r.get("failed_train_seeds") else "") + (
+            f" (training seeds {r['train_seeds']} only; {', '.join(r['failed_train_seeds'])} failed to train)"
+            if r.get("failed_train_seeds") else "")
         lines.append(f"| {name} | " + " | ".join(_cell(rows[label][k]) for k, _ in KEYS) + " |")
     if record["sweep"]:
         lines += ["", "## λ sweep: θ = λ·θ_A + (1 − λ)·θ_B (A = full VSD, B = LoRA + clamped CLIP + schedule)", "",
-                  (f"Seeds {record['sweep_seeds']}; plot: [lambda_sweep.png](lambda_sweep.png). λ* is picked on these "
-                  "same captions (no held-out split), so its row is optimistic; λ = 0.5 is fixed in advance."), "",
+                  (f"Noise seeds {record['sweep_seeds']}"
+                   + (", the students of training seed 0" if len(record.get("train_seeds") or [0]) > 1 else "")
+                   + "; plot: [lambda_sweep.png](lambda_sweep.png). λ* is picked on these same captions (no held-out "
+                   "split), so its row is optimistic (at the training seed the sweep ran on); λ = 0.5 is fixed in "
+                   "advance."), "",
                   "| λ | " + " | ".join(h for _, h in KEYS) + " |", "| --- |" + " --- |" * len(KEYS)]
         for r in record["sweep"]:
             lines.append(f"| {r['lambda']:.1f} | " + " | ".join(_cell(r[k]) for k, _ in KEYS) + " |")
