@@ -36,9 +36,11 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
         row = rows[label]
         per = [row["per_train_seed"][str(s)]["fid"]["mean"] for s in (0, 1)]
         assert row["train_seeds"] == [0, 1] and row["fid"]["runs"] == per
-        assert math.isclose(row["fid"]["mean"], sum(per) / 2) and math.isclose(row["fid"]["std"], abs(per[0] - per[1]) / 2)
+        assert math.isclose(row["fid"]["mean"], sum(per) / 2)
+        assert math.isclose(row["fid"]["std"], abs(per[0] - per[1]) / 2)
     assert rows["A: full, VSD"]["per_train_seed"]["0"]["fid"] != rows["A: full, VSD"]["per_train_seed"]["1"]["fid"]
-    assert "train_seeds" not in rows["B: LoRA, no CLIP loss"] and "train_seeds" not in rows["merged A+B with regularization, λ = 0.5"]
+    assert "train_seeds" not in rows["B: LoRA, no CLIP loss"]
+    assert "train_seeds" not in rows["merged A+B with regularization, λ = 0.5"]
     # the VSD guidance and CLIP-loss τ the students trained with are recorded (the profile's; none without a CLIP loss)
     from sb2.config import load_config
 
@@ -95,7 +97,8 @@ def test_students_trained_in_worker_processes_score_exactly_as_those_trained_in_
 def test_training_seeds_name_their_students_and_rows():
     from sb2.miniworld.bench import STUDENTS, seeded, spec_of, students_of, train_seeded
 
-    assert spec_of("A") == ("full", STUDENTS["A"][2]) and spec_of("B@2") == ("lora", [*STUDENTS["B"][2], "train.seed=2"])
+    assert spec_of("A") == ("full", STUDENTS["A"][2])
+    assert spec_of("B@2") == ("lora", [*STUDENTS["B"][2], "train.seed=2"])
     assert seeded("merge:A:B:0.5", 2) == "merge:A@2:B@2:0.5" and seeded("student:A", 0) == "student:A"
     assert train_seeded("merge:A:B:best") and train_seeded("student:B")
     assert not train_seeded("merge:A_reg:B_reg:0.5") and not train_seeded("student:B_no_clip")
@@ -151,7 +154,7 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
                         "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
                         "--name", f"tune_test_{os.getpid()}"],
                        cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
-                       timeout=900)
+                       timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (variant,) = json.loads((tmp_path / f"tune_test_{os.getpid()}.json").read_text())
     assert variant["variant"] == "A|train.seed=1" and variant["train"]["overrides"] == ["train.seed=1"]

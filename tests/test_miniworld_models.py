@@ -204,7 +204,7 @@ def test_keep_refuses_unknown_missing_or_inconsistent_models(tmp_path):
         return " ".join(result.output.replace("│", " ").split())
 
     assert "keepable are" in refused("--keep", "unet")
-    assert "needs keeping vae, clip, judges too" in refused("--keep", "teacher")  # a teacher needs its VAE, text, judges
+    assert "needs keeping vae, clip, judges too" in refused("--keep", "teacher")  # its VAE, text encoder, judges
     assert "needs keeping vae" in refused("--keep", "tiny_vae")
     assert "pick one" in refused("--keep", "vae", "--keep", "clip", "--keep", "judges", "--keep", "teacher",
                                  "--continue-teacher")

@@ -29,10 +29,8 @@ def pretrain(
 ):
     """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
     and the judges; write them and CARD.md/card.json to --out."""
-    from sb2.miniworld.pretrain import PretrainConfig
+    from sb2.miniworld.pretrain import PretrainConfig, check_keep
     from sb2.miniworld.pretrain import pretrain as run
-
-    from sb2.miniworld.pretrain import check_keep
 
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
     try:

@@ -178,7 +178,13 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
         train_clip,
     )
     from sb2.miniworld.fitting import WorldData
-    from sb2.miniworld.judges import alignment, attribute_accuracy, load_judge, save_judge, train_attribute_net
+    from sb2.miniworld.judges import (
+        alignment,
+        attribute_accuracy,
+        load_judge,
+        save_judge,
+        train_attribute_net,
+    )
     from sb2.miniworld.teacher import (
         embed,
         pooled_embed,
@@ -219,8 +225,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                             "judge_pairs": cfg.judge_pairs, "held_out_pairs": [list(p) for p in world.HELD_OUT],
                             "render_seconds": round(render_seconds, 1), "render_workers": workers,
                             "rendered": n_rendered},
-                  "config": dataclasses.asdict(cfg), "kept": sorted(keep), "device": torch.cuda.get_device_name() if device == "cuda"
-                  else "cpu", "models": {}}
+                  "config": dataclasses.asdict(cfg), "kept": list(keep),
+                  "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "models": {}}
     t_all = time.perf_counter()
     print(f"rendered {n_rendered} pairs in {render_seconds:.1f}s ({workers} processes)", flush=True)
 

@@ -25,7 +25,8 @@ def results_markdown(record: dict) -> str:
                 f"{record['train_seeds']}: mean ± std over the training seeds** of each one's mean over the noise "
                 f"seeds; every other student is trained once, at seed 0 (all: "
                 if len(record.get("train_seeds") or [0]) > 1 else "**each student is trained once** (seed 0, ")
-             + f"{record['train_steps']} steps × batch {record['batch_size']}, student lr {record['student_lr']['full']} (full) / "
+             + f"{record['train_steps']} steps × batch {record['batch_size']}, "
+             f"student lr {record['student_lr']['full']} (full) / "
              f"{record['student_lr']['lora']} (LoRA), "
              + (f"VSD guidance {record['vsd_guidance']}, " if record.get("vsd_guidance") is not None else "")
              + (f"CLIP-loss τ {record['clip_tau']}, " if record.get("clip_tau") is not None else "")
