@@ -60,6 +60,30 @@ def _row(fid, recall, alignment):
     return {"fid": m(fid), "precision": m(0.9), "recall": m(recall), "clip_score": m(0.3), "alignment": m(alignment)}
 
 
+def test_the_lambda_star_row_and_its_students_are_planned_only_with_the_sweep():
+    from sb2.miniworld.bench import Plan, planned
+
+    plan = Plan.quick()
+    assert planned("merged A+B, λ* (best sweep FID)", plan) and planned("sweep", plan)
+    plan.sweep = False
+    assert not planned("merged A+B, λ* (best sweep FID)", plan) and not planned("sweep", plan)
+    assert planned("merged A+B, λ = 0.5", plan)
+    plan.rows = ["A: full, VSD"]
+    assert not planned("merged A+B, λ = 0.5", plan) and planned("A: full, VSD", plan)
+
+
+def test_the_target_says_which_merged_rows_are_one_training_seed():
+    from sb2.miniworld.report import target_section
+
+    rows = {"teacher, cfg 2": _row(100.0, 0.5, 0.10), "merged A+B, λ = 0.5": {**_row(99.0, 0.6, 0.2),
+                                                                             "train_seeds": [0, 1, 2]},
+            "merged A+B with regularization, λ = 0.5": _row(98.0, 0.6, 0.2)}
+    text = "\n".join(target_section(rows))
+    assert "FID 98 (training seed 0 only) <" in text and "FID 99 <" in text
+    del rows["merged A+B, λ = 0.5"]["train_seeds"]
+    assert "training seed 0 only" not in "\n".join(target_section(rows))  # nothing seeded: nothing to tell apart
+
+
 def test_target_compares_with_the_best_teacher_fid_the_cfg_4_5_alignment_and_the_turbo_recall():
     from sb2.miniworld.report import target_section
 

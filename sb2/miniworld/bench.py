@@ -501,7 +501,7 @@ def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path
     assert set(ORDER) == {label for _, label, _ in ROWS} | {"sweep"}
     whats = {label: what for _, label, what in ROWS} | {"sweep": "sweep"}
     if plan.workers > 1:
-        b.start_workers([n for label in ORDER if (plan.sweep if label == "sweep" else label in plan.rows)
+        b.start_workers([n for label in ORDER if planned(label, plan)
                          for n in students_of(whats[label], plan.train_seeds)])
     try:
         _run_rows(b, plan, out, save)
@@ -510,13 +510,20 @@ def run(out: str | Path, plan: Plan, device: str | None = None, work: str | Path
     return save()
 
 
+def planned(label: str, plan: Plan) -> bool:
+    """Whether ``plan`` runs a row (or "sweep"): λ* needs the sweep."""
+    if label == "sweep":
+        return plan.sweep
+    return label in plan.rows and (plan.sweep or not label.startswith("merged A+B, λ*"))
+
+
 def _run_rows(b: Bench, plan: Plan, out: Path, save) -> None:
     from sb2.miniworld.report import plot_sweep, save_samples
 
     for label in ORDER:
-        wanted = plan.sweep if label == "sweep" else label in plan.rows
+        wanted = planned(label, plan)
         if label.startswith("merged A+B, λ*") and not b.sweep:
-            wanted = False  # no sweep ran (or it failed): there is no λ*
+            wanted = False  # the sweep failed: there is no λ*
         if not wanted:
             continue
         if plan.budget_s is not None and b.elapsed() > plan.budget_s:
