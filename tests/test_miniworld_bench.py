@@ -124,9 +124,11 @@ def test_training_seeds_name_their_students_and_rows():
     assert spec_of("A") == ("full", STUDENTS["A"][2])
     assert spec_of("B@2") == ("lora", [*STUDENTS["B"][2], "train.seed=2"])
     assert seeded("merge:A:B:0.5", 2) == "merge:A@2:B@2:0.5" and seeded("student:A", 0) == "student:A"
-    assert train_seeded("merge:A:B:best") and train_seeded("student:B")
-    assert not train_seeded("merge:A_reg:B_reg:0.5") and not train_seeded("student:B_no_clip")
-    assert not train_seeded("turbo") and not train_seeded("sweep")
+    seeds = (0, 1)
+    assert train_seeded("merge:A:B:best", seeds) and train_seeded("student:B", seeds)
+    assert not train_seeded("student:B", (0,))  # one training seed: scored as any other row
+    assert not train_seeded("merge:A_reg:B_reg:0.5", seeds) and not train_seeded("student:B_no_clip", seeds)
+    assert not train_seeded("turbo", seeds) and not train_seeded("sweep", seeds)
     assert students_of("merge:A:B:0.5", (0, 1, 2)) == ["A", "B", "A@1", "B@1", "A@2", "B@2"]
     assert students_of("student:B_naive", (0, 1, 2)) == ["B_naive"] and students_of("sweep", (0, 1)) == ["A", "B"]
 

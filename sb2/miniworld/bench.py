@@ -63,10 +63,13 @@ def seeded(what: str, seed: int) -> str:
     return ":".join(f"{part}@{seed}" if part in SEEDED else part for part in what.split(":"))
 
 
-def train_seeded(what: str) -> bool:
-    """Whether a row is scored per training seed: every student it needs is one of ``SEEDED``."""
-    need = students_of(what)
-    return bool(need) and what != "sweep" and all(n in SEEDED for n in need)
+def train_seeded(what: str, train_seeds: tuple[int, ...]) -> bool:
+    """Whether a row is scored per training seed: there are several, and every student it needs is one of
+    ``SEEDED``."""
+    if len(train_seeds) < 2 or what == "sweep":
+        return False
+    need = students_of(what)  # with one seed: no recursion back here
+    return bool(need) and all(n in SEEDED for n in need)
 
 
 # Table rows: (table, label, what is scored). Labels are the keys of results.json's "rows".
@@ -221,7 +224,7 @@ def _needs_regularization(overrides: list[str]) -> bool:
 def students_of(what: str, train_seeds: tuple[int, ...] = (0,)) -> list[str]:
     """The students a row's ``what`` (or "sweep") needs trained; with ``train_seeds``, those of each seed for a row
     scored per training seed."""
-    if len(train_seeds) > 1 and train_seeded(what):
+    if train_seeded(what, train_seeds):
         return [n for s in train_seeds for n in students_of(seeded(what, s))]
     kind, *args = what.split(":")
     if what == "sweep":
@@ -426,7 +429,7 @@ class Bench:
         same = [lab for lab, r in self.rows.items() if r["what"] == what]
         if same:  # one model in two tables (SwiftBrush from Turbo is branch A): scored once
             self.rows[label] = dict(self.rows[same[0]])
-        elif len(self.plan.train_seeds) > 1 and train_seeded(what):
+        elif train_seeded(what, self.plan.train_seeds):
             self.rows[label] = {"what": what, **self.score_train_seeds(what)}
         else:
             gen = self.generator(what)

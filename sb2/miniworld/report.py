@@ -11,6 +11,11 @@ KEYS = (("fid", "FID ↓"), ("precision", "precision ↑"), ("recall", "recall �
         ("alignment", "alignment ↑"))
 
 
+def _several_seeds(record_or_row: dict) -> bool:
+    """Whether a results record (or one of its rows) was trained at more than one training seed."""
+    return len(record_or_row.get("train_seeds") or [0]) > 1
+
+
 def _cell(m: dict) -> str:
     return f"{m['mean']:.4g} ± {m['std']:.2g}"
 
@@ -24,7 +29,7 @@ def results_markdown(record: dict) -> str:
              + (f"**rows marked ‡ (A, B and their merges) are trained once per training seed "
                 f"{record['train_seeds']}: mean ± std over the training seeds** of each one's mean over the noise "
                 f"seeds; every other student is trained once, at seed 0 (all: "
-                if len(record.get("train_seeds") or [0]) > 1 else "**each student is trained once** (seed 0, ")
+                if _several_seeds(record) else "**each student is trained once** (seed 0, ")
              + f"{record['train_steps']} steps × batch {record['batch_size']}, "
              f"student lr {record['student_lr']['full']} (full) / "
              f"{record['student_lr']['lora']} (LoRA), "
@@ -44,14 +49,14 @@ def results_markdown(record: dict) -> str:
                       "| --- |" + " --- |" * len(KEYS)]
         r = rows[label]
         name = label + (f" (λ* = {r['lambda']})" if "lambda" in r else "") + (
-            " ‡" if len(r.get("train_seeds") or [0]) > 1 or r.get("failed_train_seeds") else "") + (
+            " ‡" if _several_seeds(r) or r.get("failed_train_seeds") else "") + (
             f" (training seeds {r['train_seeds']} only; {', '.join(r['failed_train_seeds'])} failed to train)"
             if r.get("failed_train_seeds") else "")
         lines.append(f"| {name} | " + " | ".join(_cell(rows[label][k]) for k, _ in KEYS) + " |")
     if record["sweep"]:
         lines += ["", "## λ sweep: θ = λ·θ_A + (1 − λ)·θ_B (A = full VSD, B = LoRA + clamped CLIP + schedule)", "",
                   (f"Noise seeds {record['sweep_seeds']}"
-                   + (", the students of training seed 0" if len(record.get("train_seeds") or [0]) > 1 else "")
+                   + (", the students of training seed 0" if _several_seeds(record) else "")
                    + "; plot: [lambda_sweep.png](lambda_sweep.png). λ* is picked on these same captions (no held-out "
                    "split), so its row is optimistic (at the training seed the sweep ran on); λ = 0.5 is fixed in "
                    "advance."), "",
@@ -81,9 +86,9 @@ def target_section(rows: dict) -> list[str]:
     best = teachers[best_name]["fid"]["mean"]
     t45 = rows.get("teacher, cfg 4.5")
     turbo = rows.get("Turbo analog (1 step)")
-    seeded = any(len(r.get("train_seeds") or [0]) > 1 for r in merged.values())
+    seeded = any(_several_seeds(r) for r in merged.values())
     for name, r in merged.items():
-        once = seeded and len(r.get("train_seeds") or [0]) < 2  # beside means over training seeds: say so
+        once = seeded and not _several_seeds(r)  # beside means over training seeds: say so
         checks = [(r["fid"]["mean"] < best, (f"FID {r['fid']['mean']:.4g}{' (training seed 0 only)' if once else ''}"
                                             f" < teacher's best 25-step FID {best:.4g} ({best_name})"))]
         if t45:
