@@ -26,10 +26,15 @@ def pretrain(
                                                                 "on (default 16,384).")] = None,
     seconds: Annotated[list[str] | None, typer.Option(help="Time cap of one trainer, NAME=SECONDS (repeatable): "
                                                            "vae, tiny_vae, clip, judge, judge_clip, teacher, turbo.")] = None,
+    turbo: Annotated[list[str] | None, typer.Option(help="A setting of the Turbo analog, NAME=VALUE (repeatable): "
+                                                         "steps, batch, lr, and its loss's regression_weight (1), "
+                                                         "score_weight (0: ADD's score distillation off), "
+                                                         "score_guidance (the sampling cfg, 4.5), adv_weight "
+                                                         "(0.02).")] = None,
 ):
     """Train the VAE, TinyVAE, CLIP (its text tower is the teacher's text encoder), the teacher, the Turbo analog
     and the judges; write them and CARD.md/card.json to --out."""
-    from sb2.miniworld.pretrain import PretrainConfig, check_keep
+    from sb2.miniworld.pretrain import PretrainConfig, check_keep, set_turbo
     from sb2.miniworld.pretrain import pretrain as run
 
     cfg = PretrainConfig.quick() if quick else PretrainConfig()
@@ -39,6 +44,10 @@ def pretrain(
         raise typer.BadParameter(str(e), param_hint="--keep") from None
     if turbo_pairs is not None:
         cfg.turbo_pairs = turbo_pairs
+    try:
+        set_turbo(cfg, turbo or ())
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--turbo") from None
     for item in seconds or ():
         name, _, value = item.partition("=")
         if name not in PretrainConfig().seconds or not value:

@@ -52,6 +52,12 @@ class PretrainConfig:
     turbo_steps: int = 3000
     turbo_batch: int = 512
     turbo_lr: float = 1e-4
+    # The Turbo analog's loss: regression to the teacher's samples, ADD's score-distillation term with the guided
+    # teacher (guidance None = the sampling guidance below) and the GAN term (sb2.miniworld.turbo).
+    turbo_regression_weight: float = 1.0
+    turbo_score_weight: float = 0.0
+    turbo_score_guidance: float | None = None
+    turbo_adv_weight: float = 0.02
     judge_decoded: int = 16_384  # judge images also shown as VAE reconstructions (a share of each judge batch)
     sample_steps: int = 25
     guidance: float = 4.5
@@ -83,6 +89,30 @@ _CARD_ENTRIES = {"vae": ("teacher/vae",), "tiny_vae": ("tiny_vae",), "clip": ("c
                  "teacher": ("teacher",)}
 KEEP_NEEDS = {"tiny_vae": ("vae",), "judges": ("vae",), "teacher": ("vae", "clip", "judges")}
 KEPT = " (kept from an earlier run)"
+
+
+TURBO_SETTINGS = ("steps", "batch", "lr", "regression_weight", "score_weight", "score_guidance", "adv_weight")
+
+
+def set_turbo(cfg: PretrainConfig, items) -> PretrainConfig:
+    """Apply ``NAME=VALUE`` settings of the Turbo analog (``TURBO_SETTINGS``, i.e. ``cfg.turbo_<NAME>``) in place;
+    ValueError on an unknown name, a value that is not a number, or a loss with every weight 0."""
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in TURBO_SETTINGS or not value:
+            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(TURBO_SETTINGS)}")
+        kind = int if name in ("steps", "batch") else float
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if number < 0 or (kind is int and number == 0):
+            raise ValueError(f"{item!r}: must be {'positive' if kind is int else '≥ 0'}")
+        setattr(cfg, f"turbo_{name}", number)
+    if not (cfg.turbo_regression_weight or cfg.turbo_score_weight or cfg.turbo_adv_weight):
+        raise ValueError("the Turbo analog's loss would be empty: regression_weight, score_weight and adv_weight "
+                         "are all 0")
+    return cfg
 
 
 def check_keep(keep, continue_teacher: bool = False) -> None:
@@ -317,7 +347,10 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                info, eval=retrieval_accuracy(model.float(), tokenizer, ev, ev_captions, group),
                train=retrieval_accuracy(model.float(), tokenizer, d.images[:len(ev)], d.captions[:len(ev)], group))
 
-    latents = encode_all(vae, data.images) * vae.config.scaling_factor
+    # Every training latent for the TinyVAE and the teacher; when both are kept, only those the Turbo analog's
+    # discriminator sees (the first turbo_pairs).
+    needed = len(data) if {"tiny_vae", "teacher"} - set(keep) else min(cfg.turbo_pairs, len(data))
+    latents = encode_all(vae, data.images[:needed]) * vae.config.scaling_factor
     if "tiny_vae" not in keep:
         tiny, info = train_tiny_vae(vae, data, latents / vae.config.scaling_factor, cfg.tiny_vae_steps, cfg.batch,
                                     1e-3, cfg.seed + 3, device, cfg.vae_width, cfg.seconds.get("tiny_vae"))
@@ -369,30 +402,34 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
                f"sampled with DDIM {cfg.sample_steps} steps; FID/precision/recall in judges/features space vs the "
                f"{len(ev)} reference images of the eval captions", info, **metrics)
 
-    # The Turbo analog: distillation targets are the teacher's own 25-step samples for training captions.
+    # The Turbo analog: distillation targets are the teacher's own 25-step samples for training captions (not made
+    # when the regression term is off).
     t = time.perf_counter()
     n = min(cfg.turbo_pairs, len(captions))
     tr_caps = captions[:n]
     tr_cond = embed(text_encoder, tokenizer, tr_caps, device)
     tr_noise = torch.randn(n, 4, 8, 8, generator=gen).to(device)
-    targets = sample(unet, tr_cond, uncond, tr_noise, cfg.sample_steps, cfg.guidance)
+    targets = (sample(unet, tr_cond, uncond, tr_noise, cfg.sample_steps, cfg.guidance)
+               if cfg.turbo_regression_weight else None)
     target_seconds = time.perf_counter() - t
+    score_guidance = cfg.guidance if cfg.turbo_score_guidance is None else cfg.turbo_score_guidance
     tr_pooled = torch.cat([pooled_embed(text_encoder, tokenizer, tr_caps[a : a + 4096], device)
                            for a in range(0, n, 4096)])
     abar = train_scheduler().alphas_cumprod[STUDENT_T].to(device)
     # The real latents the discriminator sees are those of the same training pairs.
     turbo, info = train_turbo(unet, tr_noise, tr_cond, targets, latents[:n].to(device), tr_pooled, tr_pooled,
                               abar, cfg.turbo_steps, cfg.turbo_batch, cfg.turbo_lr, cfg.seed + 6, device,
-                              max_seconds=cfg.seconds.get("turbo"))
+                              adv_weight=cfg.turbo_adv_weight, max_seconds=cfg.seconds.get("turbo"),
+                              regression_weight=cfg.turbo_regression_weight, score_weight=cfg.turbo_score_weight,
+                              uncond=uncond, guidance=score_guidance,
+                              alphas_cumprod=train_scheduler().alphas_cumprod.to(device))
     save_half(turbo, out / "turbo")
     with torch.no_grad():
         imgs = decode(vae, torch.cat([one_step_x0(turbo, ev_noise[a : a + 1024], ev_cond[a : a + 1024], abar)
                                       for a in range(0, len(ev_noise), 1024)]))
     _save_grid(imgs[:16], out / "turbo_samples.png")
-    record("turbo", f"teacher UNet fine-tuned to one step at t={STUDENT_T} (ADD): MSE to the teacher's "
-           f"{cfg.sample_steps}-step cfg-{cfg.guidance} samples of {n} training captions ({target_seconds:.0f}s to "
-           f"make) + 0.02 × hinge GAN with a text-conditioned latent discriminator on real latents, batches of "
-           f"{cfg.turbo_batch}", info,
+    record("turbo", f"teacher UNet fine-tuned to one step at t={STUDENT_T} (ADD): "
+           f"{turbo_recipe(cfg, n, target_seconds, score_guidance)}", info,
            **fid_vs(judges["features"], imgs, ev_nchw), alignment=alignment(judges["attributes"], imgs, ev_scenes))
 
     import shutil
@@ -408,6 +445,21 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     write_card()
     print(f"pretrain done in {card['total_seconds']:.0f}s → {out}", flush=True)
     return card
+
+
+def turbo_recipe(cfg: PretrainConfig, n: int, target_seconds: float, score_guidance: float) -> str:
+    """The card's words for the Turbo analog's loss: only the terms with a weight."""
+    terms = []
+    if cfg.turbo_regression_weight:
+        terms.append(f"{cfg.turbo_regression_weight:g} × MSE to the teacher's {cfg.sample_steps}-step "
+                     f"cfg-{cfg.guidance:g} samples of {n} training captions ({target_seconds:.0f}s to make)")
+    if cfg.turbo_score_weight:
+        terms.append(f"{cfg.turbo_score_weight:g} × ADD's score distillation (x̂0 noised to s ~ U[20, 980), the "
+                     f"cfg-{score_guidance:g} teacher's one-step x̂0, weight √ᾱ_s) on {n} training captions")
+    if cfg.turbo_adv_weight:
+        terms.append(f"{cfg.turbo_adv_weight:g} × hinge GAN with a text-conditioned latent discriminator on real "
+                     f"latents")
+    return " + ".join(terms) + f", batches of {cfg.turbo_batch} at lr {cfg.turbo_lr:g}"
 
 
 def _save_grid(images_nchw: torch.Tensor, path: Path, cols: int = 8) -> None:
