@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tuned", action="store_true", help="also the tuned compile (generate.tuned_compile)")
+    ap.add_argument("--only", nargs="+", default=None, help="run only these variants (and the diffusers baseline)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -132,6 +134,14 @@ def main() -> None:
                 fct = GraphedOneStep(copy_gen(eager_tiny), compile=True)
                 variants += [("sb2 fast + compile", lambda: fc.run(fc.tokenize(prompts), z), ref, False),
                              ("sb2 fast + compile + TAESD", lambda: fct.run(fct.tokenize(prompts), z), ref_t, False)]
+                if args.tuned:
+                    ft = GraphedOneStep(copy_gen(eager), compile=True, tuned=True)
+                    ftt = GraphedOneStep(copy_gen(eager_tiny), compile=True, tuned=True)
+                    variants += [("sb2 fast + tuned compile", lambda: ft.run(ft.tokenize(prompts), z), ref, False),
+                                 ("sb2 fast + tuned compile + TAESD", lambda: ftt.run(ftt.tokenize(prompts), z), ref_t,
+                                  False)]
+        if args.only:  # the baseline always runs: the ratios are against it
+            variants = [v for v in variants if v[0] == "diffusers pipeline" or v[0] in args.only]
         base_ms = None
         for name, fn, reference, is_01 in variants:
             try:

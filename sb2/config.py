@@ -332,6 +332,9 @@ class GenerateConfig(_Strict):
     # graph per batch size, optionally torch.compile first. Ignored on CPU.
     fast: bool = True
     compile: bool = False
+    # With compile: fused attention projections and inductor's coordinate-descent kernel tuning (compiles longer;
+    # bench/inference.py measures it, BENCHMARKS.md has the figures).
+    tuned_compile: bool = False
 
 
 INCEPTION_WEIGHTS = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
