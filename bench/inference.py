@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tuned", action="store_true", help="also the tuned compile (generate.tuned_compile)")
+    ap.add_argument("--coordinate-descent", action="store_true",
+                    help="the tuned compile with coordinate-descent tuning (generate.coordinate_descent_tuning)")
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (and the diffusers baseline)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -135,8 +137,9 @@ def main() -> None:
                 variants += [("sb2 fast + compile", lambda: fc.run(fc.tokenize(prompts), z), ref, False),
                              ("sb2 fast + compile + TAESD", lambda: fct.run(fct.tokenize(prompts), z), ref_t, False)]
                 if args.tuned:
-                    ft = GraphedOneStep(copy_gen(eager), compile=True, tuned=True)
-                    ftt = GraphedOneStep(copy_gen(eager_tiny), compile=True, tuned=True)
+                    cd = args.coordinate_descent
+                    ft = GraphedOneStep(copy_gen(eager), compile=True, tuned=True, coordinate_descent=cd)
+                    ftt = GraphedOneStep(copy_gen(eager_tiny), compile=True, tuned=True, coordinate_descent=cd)
                     variants += [("sb2 fast + tuned compile", lambda: ft.run(ft.tokenize(prompts), z), ref, False),
                                  ("sb2 fast + tuned compile + TAESD", lambda: ftt.run(ftt.tokenize(prompts), z), ref_t,
                                   False)]

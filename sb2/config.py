@@ -332,9 +332,10 @@ class GenerateConfig(_Strict):
     # graph per batch size, optionally torch.compile first. Ignored on CPU.
     fast: bool = True
     compile: bool = False
-    # With compile: fused attention projections and inductor's coordinate-descent kernel tuning (compiles longer;
-    # bench/inference.py measures it, BENCHMARKS.md has the figures).
+    # With compile: fused attention projections, 1×1 convolutions as GEMMs, no epilogue fusion; and inductor's
+    # coordinate-descent kernel tuning (compiles for many minutes). bench/inference.py measures them (BENCHMARKS.md).
     tuned_compile: bool = False
+    coordinate_descent_tuning: bool = False
 
 
 INCEPTION_WEIGHTS = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

@@ -5,7 +5,7 @@ import torch
 
 
 def test_fused_projections_give_the_same_images_and_fuse_once(tiny_cfg):
-    from sb2.generation.fast import TUNED_INDUCTOR, fuse_projections
+    from sb2.generation.fast import COORDINATE_DESCENT, TUNED_INDUCTOR, fuse_projections
     from sb2.generation.generator import OneStepGenerator
     from sb2.models.loading import load_tiny_vae
 
@@ -26,7 +26,7 @@ def test_fused_projections_give_the_same_images_and_fuse_once(tiny_cfg):
     torch.testing.assert_close(gen(prompts, noise=z), before, atol=1e-5, rtol=1e-4)
     tiny = load_tiny_vae(tiny_cfg.models.tiny_vae)
     fuse_projections(tiny)  # AutoencoderTiny has no attention: left as it is
-    assert all(hasattr(torch._inductor.config, k) for k in TUNED_INDUCTOR)  # the settings exist in this torch
+    assert all(hasattr(torch._inductor.config, k) for k in {**TUNED_INDUCTOR, **COORDINATE_DESCENT})  # in this torch
 
 
 def test_the_fast_path_refuses_a_cpu_generator(tiny_cfg):

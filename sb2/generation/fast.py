@@ -17,9 +17,11 @@ from sb2.student import decode, student_x0
 
 
 # Inductor settings of the "tuned" compile (diffusers' recipe for fast SD inference): 1×1 convolutions as matrix
-# multiplies, coordinate-descent tuning of the generated kernels' launch parameters, no epilogue fusion into GEMMs.
-TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
-                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+# multiplies, no epilogue fusion into GEMMs; and, separately because it makes compiling several times longer (over
+# six minutes for the SD2.1 UNet and VAE at batch 1 on an H100, measured), coordinate-descent tuning of the generated
+# kernels' launch parameters.
+TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+COORDINATE_DESCENT = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 
 def fuse_projections(*models: torch.nn.Module) -> None:
@@ -32,12 +34,15 @@ def fuse_projections(*models: torch.nn.Module) -> None:
 
 class GraphedOneStep:
     """Wraps a :class:`~sb2.generation.generator.OneStepGenerator` on a CUDA device. ``tuned`` (with ``compile``):
-    fused attention projections and :data:`TUNED_INDUCTOR` while compiling."""
+    fused attention projections and :data:`TUNED_INDUCTOR` while compiling; ``coordinate_descent`` adds
+    :data:`COORDINATE_DESCENT`."""
 
-    def __init__(self, gen, compile: bool = False, warmup: int = 2, tuned: bool = False):
+    def __init__(self, gen, compile: bool = False, warmup: int = 2, tuned: bool = False,
+                 coordinate_descent: bool = False):
         if gen.device.type != "cuda":
             raise ValueError("the CUDA-graph fast path needs a CUDA device")
         self.gen, self.warmup, self.tuned = gen, warmup, tuned and compile
+        self.inductor = {**TUNED_INDUCTOR, **(COORDINATE_DESCENT if coordinate_descent else {})}
         gen.alphas_cumprod = gen.alphas_cumprod.to(gen.device)  # no host-to-device copy inside the graph
         torch.backends.cudnn.benchmark = True
         for m in (gen.unet, gen.decoder):
@@ -58,7 +63,7 @@ class GraphedOneStep:
         static_ids, static_z = ids.clone(), z.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        tuning = torch._inductor.config.patch(TUNED_INDUCTOR) if self.tuned else nullcontext()
+        tuning = torch._inductor.config.patch(self.inductor) if self.tuned else nullcontext()
         with torch.cuda.stream(stream), tuning:  # warm-up off the default stream: cuDNN autotuning, compile, allocations
             for _ in range(self.warmup):
                 self._fn(static_ids, static_z)

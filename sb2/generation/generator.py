@@ -119,7 +119,8 @@ def generate(model: str | Path, prompts: list[str], out_dir: str | Path, cfg, de
     if device != "cpu" and cfg.generate.fast and interpolate is None:
         from sb2.generation.fast import GraphedOneStep
 
-        gen = GraphedOneStep(gen, compile=cfg.generate.compile, tuned=cfg.generate.tuned_compile)
+        gen = GraphedOneStep(gen, compile=cfg.generate.compile, tuned=cfg.generate.tuned_compile,
+                             coordinate_descent=cfg.generate.coordinate_descent_tuning)
     base = cfg.generate.seed
     if interpolate == "noise":
         s = seeds or [base, base + 1]
