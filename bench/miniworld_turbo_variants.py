@@ -71,15 +71,20 @@ def main() -> None:
             with open(work / f"{name}.pretrain.log", "w") as log:  # the child keeps its own descriptor
                 procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
                                time.perf_counter())
-        for name, (proc, started) in procs.items():
-            rc = proc.wait()
-            card = work / name / "card.json"
-            turbo = json.loads(card.read_text())["models"]["turbo"] if rc == 0 else None
-            record["variants"][name] = {"settings": dict(variants)[name], "exit": rc,
-                                        "pretrain_seconds": round(time.perf_counter() - started, 1),
-                                        "turbo": turbo}
-            print(name, "exit", rc, json.dumps(turbo and {k: turbo[k] for k in ("steps", "seconds", "metrics")}),
-                  flush=True)
+        while procs:  # each as it ends, so that its time is its own
+            for name, (proc, started) in list(procs.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del procs[name]
+                card = work / name / "card.json"
+                turbo = json.loads(card.read_text())["models"]["turbo"] if rc == 0 else None
+                record["variants"][name] = {"settings": dict(variants)[name], "exit": rc,
+                                            "pretrain_seconds": round(time.perf_counter() - started, 1),
+                                            "turbo": turbo}
+                print(name, "exit", rc, json.dumps(turbo and {k: turbo[k] for k in ("steps", "seconds", "metrics")}),
+                      flush=True)
+            time.sleep(1)
         built = [n for n, v in record["variants"].items() if v["exit"] == 0]
         specs = list(args.rows) + [f"{row}|models.student={work / n / 'turbo'}"
                                                      for n in built for row in args.rows]

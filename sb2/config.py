@@ -332,9 +332,10 @@ class GenerateConfig(_Strict):
     # graph per batch size, optionally torch.compile first. Ignored on CPU.
     fast: bool = True
     compile: bool = False
-    # With compile: fused attention projections, 1×1 convolutions as GEMMs, no epilogue fusion; and inductor's
-    # coordinate-descent kernel tuning (compiles for many minutes). bench/inference.py measures them (BENCHMARKS.md).
-    tuned_compile: bool = False
+    # With compile: fused attention projections, 1×1 convolutions as GEMMs, no epilogue fusion (lossless; batch 1 on
+    # an H100: 13.9 against 14.5 ms, one run); and inductor's coordinate-descent kernel tuning, off (it had not
+    # finished compiling after six minutes). bench/inference.py measures them (BENCHMARKS.md).
+    tuned_compile: bool = True
     coordinate_descent_tuning: bool = False
 
 
