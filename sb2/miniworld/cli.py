@@ -116,7 +116,7 @@ def bench(
     work: Annotated[Path | None, typer.Option(help="Folder for the students and reference images "
                                                    "(default: local_outputs/miniworld/bench).")] = None,
     quick: Annotated[bool, typer.Option(help="CPU smoke run: 16 captions, 1 training step; numbers mean nothing.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Training steps of each student (default 1000).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps of each student (default 500).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size (default 64).")] = None,
     captions: Annotated[int | None, typer.Option(help="Evaluation captions (default 2048).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Evaluation (noise) seeds per model (default 3).")] = None,
