@@ -6,6 +6,7 @@ torch.compile), with the full VAE and with TAESD. All timed in the same run on t
 against eager fp32 (relative error ‖out − ref‖/‖ref‖ on the image).
 
     python bench/inference.py [--batches 1 4 16] [--iters 50] [--no-compile]
+    python bench/inference.py --batches 1 --tuned [--coordinate-descent] --only "sb2 fast + compile" "sb2 fast + tuned compile"
     python bench/inference.py --tiny      # CPU smoke test of the script (tiny models, eager paths only)
 
 Prints a table and writes $OUT/inference.json when OUT is set. A benchmark, not a test.
@@ -81,6 +82,13 @@ def main() -> None:
                     help="the tuned compile with coordinate-descent tuning (generate.coordinate_descent_tuning)")
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (and the diffusers baseline)")
     args = ap.parse_args()
+    if args.coordinate_descent and not args.tuned:
+        ap.error("--coordinate-descent tunes the tuned compile: add --tuned")
+    if args.only:
+        known = {"sb2 eager", "sb2 eager + TAESD", "sb2 fast (CUDA graph)", "sb2 fast + TAESD", "sb2 fast + compile",
+                 "sb2 fast + compile + TAESD", "sb2 fast + tuned compile", "sb2 fast + tuned compile + TAESD"}
+        if set(args.only) - known:
+            ap.error(f"--only: unknown variants {sorted(set(args.only) - known)}; known: {sorted(known)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     half = torch.float16 if device.type == "cuda" else torch.float32

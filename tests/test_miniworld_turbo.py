@@ -60,24 +60,46 @@ def _turbo_inputs(n=8):
 
     g = torch.Generator().manual_seed(0)
     return {"noise": torch.randn(n, 4, 8, 8, generator=g), "cond": torch.randn(n, 5, 16, generator=g),
-                "real_latents": torch.randn(n, 4, 8, 8, generator=g), "real_cond_pooled": torch.randn(n, 16, generator=g),
-                "cond_pooled": torch.randn(n, 16, generator=g), "abar_t": train_scheduler().alphas_cumprod[999],
-                "steps": 2, "batch": 4, "lr": 1e-3, "seed": 0, "device": "cpu"}
+            "real_latents": torch.randn(n, 4, 8, 8, generator=g), "real_cond_pooled": torch.randn(n, 16, generator=g),
+            "cond_pooled": torch.randn(n, 16, generator=g), "abar_t": train_scheduler().alphas_cumprod[999],
+            "steps": 2, "batch": 4, "lr": 1e-3, "seed": 0, "device": "cpu"}
 
 
-def test_the_score_term_alone_trains_the_student_and_leaves_the_teacher_alone():
+def test_the_score_term_alone_trains_the_student_with_adds_weighting_and_guidance(monkeypatch):
+    """With only the score term on, the student moves; each step's term gets the teacher's estimate at the configured
+    guidance and uncond, at s in SCORE_T_RANGE, weighted √ᾱ_s; the teacher is frozen and left unchanged."""
+    import sb2.miniworld.turbo as turbo
     from sb2.miniworld.teacher import train_scheduler
-    from sb2.miniworld.turbo import train_turbo
 
+    seen = []
+    real_x0, real_loss = turbo.teacher_x0, turbo.score_distillation_loss
+
+    def spy_x0(unet, x0, cond, uncond, guidance, t, noise, abar):
+        seen.append({"t": t.clone(), "guidance": guidance, "uncond": uncond, "frozen": not any(
+            p.requires_grad for p in unet.parameters()), "x0_grad": x0.requires_grad})
+        return real_x0(unet, x0, cond, uncond, guidance, t, noise, abar)
+
+    def spy_loss(x0, x0_teacher, weight):
+        seen[-1]["weight"] = weight.clone()
+        return real_loss(x0, x0_teacher, weight)
+
+    monkeypatch.setattr(turbo, "teacher_x0", spy_x0)
+    monkeypatch.setattr(turbo, "score_distillation_loss", spy_loss)
     teacher = _tiny_unet()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student, info = train_turbo(teacher, targets=None, regression_weight=0.0, score_weight=1.0, adv_weight=0.0,
-                                uncond=torch.zeros(1, 5, 16), guidance=4.5,
-                                alphas_cumprod=train_scheduler().alphas_cumprod, **_turbo_inputs())
+    abar = train_scheduler().alphas_cumprod
+    uncond = torch.zeros(1, 5, 16)
+    student, info = turbo.train_turbo(teacher, targets=None, regression_weight=0.0, score_weight=1.0, adv_weight=0.0,
+                                      uncond=uncond, guidance=3.5, alphas_cumprod=abar, **_turbo_inputs())
+    assert len(seen) == 2 and info["steps"] == 2
+    lo, hi = turbo.SCORE_T_RANGE
+    for call in seen:
+        assert call["guidance"] == 3.5 and call["uncond"] is uncond and call["frozen"] and not call["x0_grad"]
+        assert ((call["t"] >= lo) & (call["t"] < hi)).all()
+        torch.testing.assert_close(call["weight"], abar[call["t"]].sqrt())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
     moved = [k for k, v in student.state_dict().items() if not torch.equal(v.float(), before[k].float())]
     assert moved and any("attn2" in k for k in moved)  # text-conditioned layers got a gradient
-    assert info["steps"] == 2
 
 
 def test_turbo_loss_settings_are_checked():
@@ -103,6 +125,7 @@ def test_set_turbo_parses_and_refuses(tmp_path):
     assert isinstance(cfg.turbo_steps, int)
     for bad, says in (("bogus=1", "NAME one of"), ("lr=", "NAME one of"), ("steps=1.5", "not an integer"),
                       ("lr=fast", "not a number"), ("adv_weight=-1", "≥ 0"), ("steps=0", "positive"),
+                      ("lr=0", "positive"), ("score_weight=nan", "finite"), ("adv_weight=inf", "finite"),
                       ("regression_weight=0", None)):
         if says is None:  # 0 alone is fine; the whole loss at 0 is not
             set_turbo(PretrainConfig(), [bad])

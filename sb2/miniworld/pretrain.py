@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -106,8 +107,11 @@ def set_turbo(cfg: PretrainConfig, items) -> PretrainConfig:
             number = kind(value)
         except ValueError:
             raise ValueError(f"{item!r}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if number < 0 or (kind is int and number == 0):
-            raise ValueError(f"{item!r}: must be {'positive' if kind is int else '≥ 0'}")
+        if not math.isfinite(number):
+            raise ValueError(f"{item!r}: must be a finite number")
+        positive = kind is int or name == "lr"
+        if number < 0 or (positive and number == 0):
+            raise ValueError(f"{item!r}: must be {'positive' if positive else '≥ 0'}")
         setattr(cfg, f"turbo_{name}", number)
     if not (cfg.turbo_regression_weight or cfg.turbo_score_weight or cfg.turbo_adv_weight):
         raise ValueError("the Turbo analog's loss would be empty: regression_weight, score_weight and adv_weight "
@@ -449,12 +453,15 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
 
 def turbo_recipe(cfg: PretrainConfig, n: int, target_seconds: float, score_guidance: float) -> str:
     """The card's words for the Turbo analog's loss: only the terms with a weight."""
+    from sb2.miniworld.turbo import SCORE_T_RANGE
+
     terms = []
     if cfg.turbo_regression_weight:
         terms.append(f"{cfg.turbo_regression_weight:g} × MSE to the teacher's {cfg.sample_steps}-step "
                      f"cfg-{cfg.guidance:g} samples of {n} training captions ({target_seconds:.0f}s to make)")
     if cfg.turbo_score_weight:
-        terms.append(f"{cfg.turbo_score_weight:g} × ADD's score distillation (x̂0 noised to s ~ U[20, 980), the "
+        lo, hi = SCORE_T_RANGE
+        terms.append(f"{cfg.turbo_score_weight:g} × ADD's score distillation (x̂0 noised to s ~ U[{lo}, {hi}), the "
                      f"cfg-{score_guidance:g} teacher's one-step x̂0, weight √ᾱ_s) on {n} training captions")
     if cfg.turbo_adv_weight:
         terms.append(f"{cfg.turbo_adv_weight:g} × hinge GAN with a text-conditioned latent discriminator on real "

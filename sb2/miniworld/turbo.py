@@ -16,6 +16,7 @@ from torch import nn
 from sb2.miniworld.fitting import Progress, autocast, optimizer, step
 
 STUDENT_T = 999
+SCORE_T_RANGE = (20, 980)  # ADD's s ~ U[20, 980): timesteps the student's x̂0 is noised to
 
 
 class LatentDiscriminator(nn.Module):
@@ -71,7 +72,7 @@ def train_turbo(teacher_unet, noise: torch.Tensor, cond: torch.Tensor, targets: 
                 abar_t: torch.Tensor, steps: int, batch: int, lr: float, seed: int, device,
                 adv_weight: float = 0.02, max_seconds: float | None = None, regression_weight: float = 1.0,
                 score_weight: float = 0.0, uncond: torch.Tensor | None = None, guidance: float = 4.5,
-                alphas_cumprod: torch.Tensor | None = None, t_range: tuple[int, int] = (20, 980)):
+                alphas_cumprod: torch.Tensor | None = None, t_range: tuple[int, int] = SCORE_T_RANGE):
     """``noise``/``cond``/``targets``: the distillation set (noise, caption embedding, teacher sample; ``targets``
     may be None when ``regression_weight`` is 0); ``real_latents`` with the pooled embeddings of their captions: what
     the discriminator calls real. ``score_weight`` > 0 adds ADD's term with the frozen ``teacher_unet`` at
@@ -83,6 +84,8 @@ def train_turbo(teacher_unet, noise: torch.Tensor, cond: torch.Tensor, targets: 
     if not (regression_weight or score_weight or adv_weight):
         raise ValueError("every term of the Turbo analog's loss has weight 0")
     torch.manual_seed(seed)
+    if alphas_cumprod is not None:
+        alphas_cumprod = alphas_cumprod.to(device)
     teacher_unet.requires_grad_(False)
     student = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
     disc = LatentDiscriminator(cond.shape[-1]).to(device)
