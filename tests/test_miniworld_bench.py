@@ -4,6 +4,8 @@ on the committed mini-world; the table, the λ-sweep plot and the sample grid ar
 import json
 import math
 
+import pytest
+
 from typer.testing import CliRunner
 
 from sb2.miniworld.bench import ROWS, STUDENTS
@@ -133,6 +135,7 @@ def test_training_seeds_name_their_students_and_rows():
     assert students_of("student:B_naive", (0, 1, 2)) == ["B_naive"] and students_of("sweep", (0, 1)) == ["A", "B"]
 
 
+@pytest.mark.timeout(240)  # a pool that lost the task would hang: fail in minutes, not the suite's 600 s
 def test_a_worker_that_dies_fails_its_students_instead_of_hanging_the_bench(tmp_path):
     """A worker process killed mid-training (as the kernel's OOM killer would) breaks the pool: every student still
     pending fails with BrokenProcessPool within seconds, is recorded as failed, and stopping the workers returns."""
@@ -140,8 +143,6 @@ def test_a_worker_that_dies_fails_its_students_instead_of_hanging_the_bench(tmp_
     import signal
     import time
     from concurrent.futures.process import BrokenProcessPool
-
-    import pytest
 
     from sb2.miniworld.bench import Bench, Plan
     from sb2.miniworld.judges import world_root
