@@ -89,6 +89,13 @@ def main() -> None:
                  "sb2 fast + compile + TAESD", "sb2 fast + tuned compile", "sb2 fast + tuned compile + TAESD"}
         if set(args.only) - known:
             ap.error(f"--only: unknown variants {sorted(set(args.only) - known)}; known: {sorted(known)}")
+    # Every compiled variant × batch size is one more graph of the same code object (GraphedOneStep._forward): with
+    # --tuned and three batch sizes that is 12, over dynamo's default limit of 8, past which it silently runs eager.
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     half = torch.float16 if device.type == "cuda" else torch.float32
