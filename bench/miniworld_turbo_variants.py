@@ -86,8 +86,7 @@ def main() -> None:
                       flush=True)
             time.sleep(1)
         built = [n for n, v in record["variants"].items() if v["exit"] == 0]
-        specs = list(args.rows) + [f"{row}|models.student={work / n / 'turbo'}"
-                                                     for n in built for row in args.rows]
+        specs = list(args.rows) + [f"{row}|models.student={work / n / 'turbo'}" for n in built for row in args.rows]
         left = args.budget_s - (time.perf_counter() - t0)
         print(f"students: {len(specs)}, {left:.0f} s left", flush=True)
         env = {**os.environ, "OUT": str(work)}

@@ -419,14 +419,15 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, device: str | N
     score_guidance = cfg.guidance if cfg.turbo_score_guidance is None else cfg.turbo_score_guidance
     tr_pooled = torch.cat([pooled_embed(text_encoder, tokenizer, tr_caps[a : a + 4096], device)
                            for a in range(0, n, 4096)])
-    abar = train_scheduler().alphas_cumprod[STUDENT_T].to(device)
+    alphas_cumprod = train_scheduler().alphas_cumprod.to(device)
+    abar = alphas_cumprod[STUDENT_T]
     # The real latents the discriminator sees are those of the same training pairs.
     turbo, info = train_turbo(unet, tr_noise, tr_cond, targets, latents[:n].to(device), tr_pooled, tr_pooled,
                               abar, cfg.turbo_steps, cfg.turbo_batch, cfg.turbo_lr, cfg.seed + 6, device,
                               adv_weight=cfg.turbo_adv_weight, max_seconds=cfg.seconds.get("turbo"),
                               regression_weight=cfg.turbo_regression_weight, score_weight=cfg.turbo_score_weight,
                               uncond=uncond, guidance=score_guidance,
-                              alphas_cumprod=train_scheduler().alphas_cumprod.to(device))
+                              alphas_cumprod=alphas_cumprod)
     save_half(turbo, out / "turbo")
     with torch.no_grad():
         imgs = decode(vae, torch.cat([one_step_x0(turbo, ev_noise[a : a + 1024], ev_cond[a : a + 1024], abar)
