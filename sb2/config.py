@@ -76,11 +76,21 @@ class VSDConfig(_Strict):
     # Frozen teacher (cond, uncond) and LoRA teacher in one UNet call on a 3B batch (peft's per-sample adapters).
     # Same results; measured 3% slower on an H200 at batch 16 (BENCHMARKS.md), so off by default.
     single_teacher_call: bool = False
+    # The LoRA teacher's first update of each iteration trains on the pass that gave the VSD estimate (same x_t, t and
+    # text, with gradients to its adapter) instead of a pass of its own: one UNet forward fewer a step. It then sees
+    # t in [t_min, t_max] and no null-text dropout, so it needs lora_guidance_scale 1 (BENCHMARKS.md).
+    shared_lora_pass: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> "VSDConfig":
         if self.t_min >= self.t_max:
             raise ValueError("t_min must be below t_max")
+        if self.shared_lora_pass and self.lora_guidance_scale != 1.0:
+            raise ValueError("vsd.shared_lora_pass trains the LoRA teacher on its conditional pass only, so it needs "
+                             f"vsd.lora_guidance_scale=1 (got {self.lora_guidance_scale})")
+        if self.shared_lora_pass and self.single_teacher_call:
+            raise ValueError("vsd.shared_lora_pass and vsd.single_teacher_call cannot both be on: the shared pass "
+                             "runs with gradients, the single call without")
         return self
 
 

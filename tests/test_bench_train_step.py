@@ -20,11 +20,14 @@ def test_tiny_lora_variants_compute_the_same_losses_and_gradients(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
     fast = [r for r in rows if r["variant"] != "naive"]
-    assert fast
+    assert fast and any("shared" in r["variant"] for r in fast)
     for r in fast:  # fp32 on the CPU: only the order of operations differs
         assert r["rel_err_loss_vsd"] < 1e-4, r
         assert r["rel_err_grad_student"] < 1e-2, r
-        assert r["rel_err_loss_lora"] < 1e-4, r
+        if "shared" in r["variant"]:  # its LoRA teacher trains at other draws of t and noise: not comparable
+            assert "rel_err_loss_lora" not in r, r
+        else:
+            assert r["rel_err_loss_lora"] < 1e-4, r
 
 
 def test_profile_sorts_kernels_by_what_they_compute():

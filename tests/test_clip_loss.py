@@ -51,7 +51,7 @@ def _student_lora_grads(tiny_cfg, clip_weight: float, tau: float):
     emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
     null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
     torch.manual_seed(1)
-    loss, _, logs = student_step(m, cfg, emb, null, prompts, 0, nullcontext)
+    loss, _, logs, _ = student_step(m, cfg, emb, null, prompts, 0, nullcontext)
     loss.backward()
     grads = [p.grad.clone() for p in m.student_params]
     # only the student LoRA learns: no gradient reaches the frozen CLIP, TinyVAE, teacher or LoRA teacher

@@ -47,10 +47,10 @@ def recording_prepare(self, *args, **kwargs):
 
 
 def flaky(m, cfg, emb, null, prompts, step, autocast, reg=None):
-    loss, x0, logs = student_step(m, cfg, emb, null, prompts, step, autocast, reg=reg)
+    out = student_step(m, cfg, emb, null, prompts, step, autocast, reg=reg)
     if os.environ["RANK"] == os.environ.get("SB2_NAN_RANK") and step == int(os.environ["SB2_NAN_STEP"]):
-        loss = loss * float("nan")
-    return loss, x0, logs
+        out = out._replace(loss=out.loss * float("nan"))
+    return out
 
 
 accelerate.Accelerator.prepare, loop.student_step = recording_prepare, flaky

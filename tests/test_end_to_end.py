@@ -21,7 +21,7 @@ def test_one_iteration_updates_student_and_lora_teacher_only(tiny_cfg):
     prompts = ["a corgi puppy, bokeh", "a sailboat at night"]
     emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
     null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
-    loss, x0, _ = student_step(m, tiny_cfg, emb, null, prompts, 0, nullcontext)
+    loss, x0, _, _ = student_step(m, tiny_cfg, emb, null, prompts, 0, nullcontext)
     loss.backward()
     assert all(p.grad is None for p in m.lora_params), "VSD must not train the LoRA teacher"
     opt_s.step()

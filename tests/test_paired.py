@@ -170,7 +170,7 @@ def test_regpairs_writes_teacher_pairs_that_dmd_pairs_reads_back(tiny_cfg, tmp_p
 
     reg = regularization_batch(m, cfg, pairs, "cpu", nullcontext)
     assert reg.target_images.shape == (3, 3, 64, 64)
-    loss, _, logs = student_step(m, cfg, emb.expand(2, -1, -1), null, ["a dragon"] * 2, 0, nullcontext, reg=reg)
+    loss, _, logs, _ = student_step(m, cfg, emb.expand(2, -1, -1), null, ["a dragon"] * 2, 0, nullcontext, reg=reg)
     loss.backward()
     assert logs["loss/reg"] > 0 and torch.isfinite(loss)
     assert any(p.grad.abs().sum() > 0 for p in m.student_params)

@@ -67,7 +67,7 @@ def _grads(m, cfg, reg, prompts):
     null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
     torch.manual_seed(1)
     m.student.zero_grad(set_to_none=True)
-    loss, _, logs = student_step(m, cfg, emb, null, prompts, 0, nullcontext, reg=reg)
+    loss, _, logs, _ = student_step(m, cfg, emb, null, prompts, 0, nullcontext, reg=reg)
     loss.backward()
     return [p.grad.clone() for p in m.student_params], logs
 

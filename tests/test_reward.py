@@ -44,7 +44,7 @@ def _step(cfg, prompts):
     emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
     null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
     torch.manual_seed(1)
-    loss, _, logs = student_step(m, cfg, emb, null, prompts, 1, nullcontext)
+    loss, _, logs, _ = student_step(m, cfg, emb, null, prompts, 1, nullcontext)
     loss.backward()
     return loss.item(), [p.grad.clone() for p in m.student_params], logs
 

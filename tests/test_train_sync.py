@@ -78,7 +78,7 @@ def test_frozen_teacher_passes_run_without_autocast_in_the_teachers_dtype_when_s
         emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
         null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
         torch.manual_seed(0)
-        loss, _, _ = student_step(m, cfg, emb, null, prompts, 0, autocast)
+        loss, _, _, _ = student_step(m, cfg, emb, null, prompts, 0, autocast)
         losses[on], seen[on] = loss.item(), calls
     assert seen[True] and all(c == (torch.float32, True) for c in seen[True])
     assert seen[False] and all(c == (torch.bfloat16, False) for c in seen[False])

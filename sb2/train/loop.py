@@ -274,6 +274,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
     student, teacher_ddp, opt_s, opt_l = accelerator.prepare(m.student, m.teacher_unet, opt_s, opt_l)
     m.student = student
     teacher_plain = m.teacher_unet  # adapters switch on the unwrapped module; updates go through the wrapper
+    m.teacher_trainer = teacher_ddp
     unwrapped = accelerator.unwrap_model(m.student)
     ema = None
     if cfg.ema.enabled:
@@ -366,13 +367,15 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, device)
             pairs = reg_feed.batch_for(step) if reg_feed is not None else None
             if pairs is None:
-                loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
+                loss, x0, logs, shared_l = student_step(m, cfg, emb, null_emb, prompts, step, autocast)
             else:
                 reg = regularization_batch(m, cfg, pairs, device, autocast)
-                loss, x0, logs = student_step(m, cfg, emb, null_emb, prompts, step, autocast, reg=reg)
+                loss, x0, logs, shared_l = student_step(m, cfg, emb, null_emb, prompts, step, autocast, reg=reg)
                 logs["reg/skipped_pairs"] = len(reg_feed.sampler.bad)
             # One host sync per backward (the gradient norm): no collective before it (see backward_seed), and the
             # losses stay on the device until a log step.
+            if shared_l is not None:  # vsd.shared_lora_pass: the LoRA teacher's first update, from the VSD pass
+                accelerator.backward(shared_l, gradient=backward_seed(shared_l))
             accelerator.backward(loss, gradient=backward_seed(loss))
             gn_s = float(accelerator.clip_grad_norm_(m.student_params, cfg.optim.max_grad_norm))
             ok = math.isfinite(gn_s)
@@ -383,11 +386,15 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
             else:
                 after_skipped_update(accelerator)
             opt_s.zero_grad(set_to_none=True)
+            if not ok:
+                opt_l.zero_grad(set_to_none=True)  # a shared pass's LoRA gradients go with the skipped step
             if ok:
-                m.teacher_unet = teacher_ddp
-                for _ in range(cfg.lora_teacher.updates_per_student_update):
-                    loss_l = lora_teacher_loss(m, cfg, x0, emb, null_emb, autocast)
-                    accelerator.backward(loss_l, gradient=backward_seed(loss_l))
+                for i in range(cfg.lora_teacher.updates_per_student_update):
+                    if i == 0 and shared_l is not None:
+                        loss_l = shared_l  # its backward ran with the student's
+                    else:
+                        loss_l = lora_teacher_loss(m, cfg, x0, emb, null_emb, autocast)
+                        accelerator.backward(loss_l, gradient=backward_seed(loss_l))
                     gn_l = float(accelerator.clip_grad_norm_(m.lora_params, cfg.optim.max_grad_norm))
                     if not math.isfinite(gn_l):
                         after_skipped_update(accelerator)
@@ -396,7 +403,6 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                         break
                     opt_l.step()
                     opt_l.zero_grad(set_to_none=True)
-                m.teacher_unet = teacher_plain
             if not ok:
                 consecutive += 1
                 skipped_total += 1

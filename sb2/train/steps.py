@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -69,6 +69,9 @@ class Models:
     rewards: list[RewardTerm] = field(default_factory=list)
     perceptual_net: torch.nn.Module | None = None
     extras: dict = field(default_factory=dict)
+    # The module the LoRA teacher's trained passes run through: its DDP wrapper under data parallelism (gradients
+    # all-reduced); None = ``teacher_unet``. Adapters switch on ``teacher_unet`` itself.
+    teacher_trainer: torch.nn.Module | None = None
 
     def __post_init__(self):
         # read once from the plain module: under DDP ``student`` becomes a wrapper without ``.config``
@@ -198,6 +201,15 @@ def per_sample_adapters(unet, adapter_names: list[str]):
             h.remove()
 
 
+def frozen_teacher_eps(teacher, x_t, t, emb, null_emb, cfg: Config) -> torch.Tensor:
+    """ε̂ of the frozen teacher with CFG at x_t: cond and uncond in one call with the adapter off (and on again after)."""
+    teacher.disable_adapters()
+    eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                           encoder_hidden_states=torch.cat([emb, null_emb.expand_as(emb)])).sample.float().chunk(2)
+    teacher.enable_adapters()
+    return guided(eps_u, eps_c, cfg.vsd.guidance_scale)
+
+
 def teacher_predictions(teacher, x_t, t, emb, null_emb, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """ε̂ of the frozen teacher (with CFG) and of the LoRA teacher (with its own guidance scale) at x_t."""
     b = x_t.shape[0]
@@ -211,17 +223,14 @@ def teacher_predictions(teacher, x_t, t, emb, null_emb, cfg: Config) -> tuple[to
                           encoder_hidden_states=torch.cat([e for e, _ in segments])).sample.float().chunk(len(segments))
         eps_c, eps_u, lora_c = out[:3]
         lora_u = out[3] if lora_cfg else None
+        eps_teacher = guided(eps_u, eps_c, cfg.vsd.guidance_scale)
     else:
-        teacher.disable_adapters()
-        eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                               encoder_hidden_states=torch.cat([emb, null])).sample.float().chunk(2)
-        teacher.enable_adapters()
+        eps_teacher = frozen_teacher_eps(teacher, x_t, t, emb, null_emb, cfg)
         if lora_cfg:
             lora_c, lora_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                      encoder_hidden_states=torch.cat([emb, null])).sample.float().chunk(2)
         else:
             lora_c, lora_u = teacher(x_t, t, encoder_hidden_states=emb).sample.float(), None
-    eps_teacher = guided(eps_u, eps_c, cfg.vsd.guidance_scale)
     eps_lora = lora_c if lora_u is None else guided(lora_u, lora_c, cfg.vsd.lora_guidance_scale)
     return eps_teacher, eps_lora
 
@@ -236,13 +245,27 @@ def frozen_context(m: Models, cfg: Config, autocast):
     return nullcontext(), dtype
 
 
+class StudentStep(NamedTuple):
+    """What :func:`student_step` computes. ``lora_loss`` is the LoRA teacher's diffusion loss on the pass that gave
+    the VSD estimate (``vsd.shared_lora_pass``; its backward trains the adapter), None without that switch."""
+
+    loss: torch.Tensor
+    x0: torch.Tensor
+    logs: dict[str, Log]
+    lora_loss: torch.Tensor | None = None
+
+
 def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tensor, prompts: list[str], step: int,
-                 autocast, reg: RegBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Log]]:
+                 autocast, reg: RegBatch | None = None) -> StudentStep:
     """Loss of one student update, the detached x̂0 the LoRA teacher learns from, and the values to log (losses as
     detached device tensors: reading them back would make the host wait for the device before the backward).
 
     With a regularization batch the student runs once on both batches (one forward and one backward under DDP and
     gradient checkpointing); only the prompt batch's x̂0 feeds VSD, the rewards and the LoRA teacher.
+
+    With ``vsd.shared_lora_pass`` the LoRA teacher's ε̂ at x_t comes from a pass with gradients to its adapter, and
+    its diffusion loss ‖ε̂_ψ(x_t, t, y) − ε‖² on that same pass is returned as ``lora_loss``: the VSD estimate uses it
+    detached, so the student's loss and gradient are the same as without the switch.
     """
     b = emb.shape[0]
     device = emb.device
@@ -256,9 +279,20 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
     noise = torch.randn_like(x0, dtype=torch.float32)
     x_t = add_noise(x0.detach().float(), noise, m.alphas_cumprod, t)
     frozen, dt = frozen_context(m, cfg, autocast)
-    with torch.no_grad(), frozen:
-        eps_teacher, eps_lora = teacher_predictions(m.teacher_unet, x_t.to(dt or x_t.dtype), t,
-                                                    emb.to(dt or emb.dtype), null_emb.to(dt or null_emb.dtype), cfg)
+    lora_loss = None
+    if cfg.vsd.shared_lora_pass:
+        with torch.no_grad(), frozen:
+            eps_teacher = frozen_teacher_eps(m.teacher_unet, x_t.to(dt or x_t.dtype), t, emb.to(dt or emb.dtype),
+                                             null_emb.to(dt or null_emb.dtype), cfg)
+        with autocast():
+            eps_psi = (m.teacher_trainer or m.teacher_unet)(x_t, t, encoder_hidden_states=emb).sample
+        lora_loss = diffusion_loss(eps_psi, noise)
+        eps_lora = eps_psi.detach().float()
+    else:
+        with torch.no_grad(), frozen:
+            eps_teacher, eps_lora = teacher_predictions(m.teacher_unet, x_t.to(dt or x_t.dtype), t,
+                                                        emb.to(dt or emb.dtype), null_emb.to(dt or null_emb.dtype),
+                                                        cfg)
     w = vsd_weight(m.alphas_cumprod, t, cfg.vsd.weighting)
     loss_vsd, _ = vsd_loss(x0, eps_teacher, eps_lora, w, cfg.vsd.reduction)
     loss = loss_vsd
@@ -267,7 +301,7 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
         loss = loss + reward_losses(m, cfg, x0, prompts, step, autocast, logs)
     if reg is not None:
         loss = loss + regularization_loss(m, cfg, x0_all[b:], reg, step, autocast, logs)
-    return loss, x0.detach(), logs
+    return StudentStep(loss, x0.detach(), logs, lora_loss)
 
 
 def reward_losses(m: Models, cfg: Config, x0: torch.Tensor, prompts: list[str], step: int, autocast,
@@ -352,5 +386,5 @@ def lora_teacher_loss(m: Models, cfg: Config, x0: torch.Tensor, emb: torch.Tenso
     drop = torch.rand(b, device=x0.device) < cfg.lora_teacher.null_text_dropout
     cond = torch.where(drop.view(-1, 1, 1), null_emb.expand_as(emb), emb)
     with autocast():
-        eps = m.teacher_unet(x_t, t, encoder_hidden_states=cond).sample
+        eps = (m.teacher_trainer or m.teacher_unet)(x_t, t, encoder_hidden_states=cond).sample
     return diffusion_loss(eps, noise)
