@@ -34,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sb2.config import load_config  # noqa: E402
-from sb2.distill.vsd import add_noise, diffusion_loss, guided, sample_timesteps, vsd_loss, vsd_weight  # noqa: E402
+from sb2.distill.vsd import add_noise, guided, sample_timesteps, vsd_loss, vsd_weight  # noqa: E402
 from sb2.models.lora import add_lora  # noqa: E402
 from sb2.distill.clip_loss import clamped_clip_loss, clip_preprocess, scheduled_weight  # noqa: E402
 from sb2.student import decode, encode_prompts, student_x0  # noqa: E402
 from sb2.distill.reward import ClipReward  # noqa: E402
-from sb2.train.steps import Models, RewardTerm, apply_speed_switches, lora_teacher_loss, student_step  # noqa: E402
+from sb2.train.steps import (Models, RewardTerm, apply_speed_switches, lora_teacher_loss, set_checkpointing,  # noqa: E402
+                             student_step)
 
 PROMPTS = [f"a photo of subject {i} in a scene, highly detailed, {i % 7} lights" for i in range(64)]
 
@@ -93,8 +94,7 @@ def assemble(base, cfg, scheme, device, frozen_dtype):
         torch.manual_seed(2)
         sl = cfg.student_lora
         sparams = add_lora(student, sl.rank, sl.alpha, sl.target_modules)
-    if cfg.train.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    set_checkpointing(student, cfg)
     student.train()
     te = copy.deepcopy(base["text_encoder"]).to(device, frozen_dtype)
     m = Models(student, sparams, teacher, lora, te.to(device), base["tokenizer"], None,
@@ -299,9 +299,18 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--quick", action="store_true", help="naive, best eager and compiled variants only")
+    ap.add_argument("--checkpoint-blocks", nargs="*", default=None,
+                    help="variants with the shared LoRA-teacher pass and train.checkpoint_blocks, each a comma-joined "
+                         "list of student blocks (default: up_blocks.3 and up_blocks.3,down_blocks.0, the 64x64 "
+                         "latent's blocks; up_blocks.1 with --tiny)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="after naive, only the variants whose names contain these strings, in this order (a string "
+                         "given twice measures its variant twice)")
     ap.add_argument("--profile", action="store_true",
                     help="profile two steps of every non-naive variant: kernel time by kind, GPU busy share")
     args = ap.parse_args()
+    if args.checkpoint_blocks is None:
+        args.checkpoint_blocks = ["up_blocks.1"] if args.tiny else ["up_blocks.3", "up_blocks.3,down_blocks.0"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     base = base_models(args, device)
@@ -322,14 +331,24 @@ def main() -> None:
         shared = {"vsd.shared_lora_pass": "true"}
         levers.append(("  + shared LoRA-teacher pass (no channels_last)", dict(off, gradient_checkpointing=False),
                        shared, False, True))
+        fastest = dict(off, gradient_checkpointing=False)
         if not args.no_compile and device.type == "cuda":
-            compiled = dict(gradient_checkpointing=False, channels_last=False, compile=True)
-            levers += [("  + torch.compile, per block (no channels_last)", compiled, {}, False, True),
-                       ("  + torch.compile + shared LoRA-teacher pass", compiled, shared, False, True)]
+            fastest = dict(gradient_checkpointing=False, channels_last=False, compile=True)
+            levers += [("  + torch.compile, per block (no channels_last)", fastest, {}, False, True),
+                       ("  + torch.compile + shared LoRA-teacher pass", fastest, shared, False, True)]
+        for blocks in args.checkpoint_blocks:  # selective checkpointing, to bring the shared pass's peak down
+            levers.append((f"  + checkpoint {blocks} (shared pass{', compiled' if fastest.get('compile') else ''})",
+                           dict(fastest, checkpoint_blocks=f"[{blocks}]"), shared, False, True))
         if args.quick or (scheme == "lora" and not args.tiny):
             # naive, the best eager variant, the shared pass and the compiled ones (the lever study itself is on the
             # full scheme; the frozen-autocast lever was measured slower and is left out)
             levers = [levers[0], levers[3]] + levers[6:]
+        if args.only:  # naive first (the baseline and the numerical reference), then the named ones in the given order
+            picked = [[v for v in levers if o in v[0]] for o in args.only]
+            missing = [o for o, p in zip(args.only, picked, strict=True) if not p]
+            if missing:
+                ap.error(f"--only {missing}: no such variant in {[v[0].strip() for v in levers]}")
+            levers = [levers[0]] + [p[0] for p in picked]
         ref, base_ms = None, None
         for name, train_kw, other, naive, pre in levers:
             sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]

@@ -263,6 +263,10 @@ class TrainConfig(_Strict):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
+    # Selective checkpointing, with gradient_checkpointing off: only these blocks of the student UNet (names as in
+    # its state dict: "up_blocks.3", "down_blocks.0", "mid_block") recompute their activations in the backward —
+    # the high-resolution blocks hold most of the activations for a small share of the arithmetic.
+    checkpoint_blocks: list[str] = []
     log_every: int = Field(10, ge=1)
     # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.
     prompts: str = "data/samples/prompts.txt"
@@ -284,6 +288,13 @@ class TrainConfig(_Strict):
     # 552 ms against 534 ms with autocast — 3.5% slower, so it stays true (BENCHMARKS.md).
     frozen_autocast: bool = True
     ddp: DDPConfig = DDPConfig()
+
+    @model_validator(mode="after")
+    def _checkpointing(self) -> "TrainConfig":
+        if self.gradient_checkpointing and self.checkpoint_blocks:
+            raise ValueError("train.checkpoint_blocks checkpoints only some blocks: set "
+                             "train.gradient_checkpointing=false with it (true checkpoints every block)")
+        return self
 
 
 class CheckpointConfig(_Strict):

@@ -55,7 +55,7 @@ def test_the_student_loss_and_gradient_do_not_change(tiny_cfg):
     torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(outs[1].x0, outs[0].x0, rtol=0, atol=0)
     assert any(g is not None and g.abs().sum() > 0 for g in grads[0])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
 
 
@@ -85,7 +85,7 @@ def test_the_lora_teacher_learns_from_the_vsd_pass(tiny_cfg):
     want_loss.backward()
     torch.testing.assert_close(out.lora_loss, want_loss, rtol=1e-6, atol=0)
     assert sum(g.abs().sum() for g in got) > 0
-    for g, p in zip(got, m.lora_params):
+    for g, p in zip(got, m.lora_params, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-9)
 
 

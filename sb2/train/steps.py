@@ -94,8 +94,7 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
         student_params = add_lora(student, sl.rank, sl.alpha, sl.target_modules, sl.dropout)
     else:
         raise ValueError(f"scheme must be 'full' or 'lora', not {scheme!r}")
-    if cfg.train.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    set_checkpointing(student, cfg)
     student.train()
     m = Models(student, student_params, teacher.unet, lora_params, teacher.text_encoder, teacher.tokenizer,
                teacher.vae, teacher.alphas_cumprod.to(device), teacher.num_train_timesteps)
@@ -111,6 +110,32 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
     if m.tiny_vae is None and (m.rewards or (perceptual and rc.decoder == "tiny_vae")):
         m.tiny_vae = load_tiny_vae(cfg.models.tiny_vae, cfg.models, weight_dtype, device)
     return m
+
+
+def set_checkpointing(student: torch.nn.Module, cfg: Config) -> None:
+    """``train.gradient_checkpointing`` (every block of the student) or ``train.checkpoint_blocks`` (the named ones)."""
+    if cfg.train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    elif cfg.train.checkpoint_blocks:
+        checkpoint_blocks(student, cfg.train.checkpoint_blocks)
+
+
+def checkpoint_blocks(unet: torch.nn.Module, names: list[str]) -> None:
+    """Gradient checkpointing of the named top-level blocks only (each of their ResNets and attention blocks
+    recomputed in the backward, as diffusers checkpoints them); every other module keeps its activations."""
+    known = [f"{kind}.{i}" for kind in ("down_blocks", "up_blocks") for i in range(len(getattr(unet, kind)))]
+    known.append("mid_block")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"train.checkpoint_blocks: no block {', '.join(unknown)} in this UNet; its blocks are "
+                         f"{', '.join(known)}")
+    unet.enable_gradient_checkpointing()
+    # a named block and the transformers inside it (diffusers' cross-attention blocks checkpoint their ResNets and
+    # leave the attention to the transformer's own switch)
+    chosen = {id(mod) for n in names for mod in unet.get_submodule(n).modules()}
+    for mod in unet.modules():
+        if hasattr(mod, "gradient_checkpointing") and id(mod) not in chosen:
+            mod.gradient_checkpointing = False
 
 
 def build_rewards(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32) -> list[RewardTerm]:
