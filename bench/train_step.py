@@ -195,8 +195,9 @@ def profile_steps(iteration, first: int, n: int, device, step_ms: float, path: P
     return out
 
 
-def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: bool, ref=None,
-                profile: bool = False):
+def _setup(base, cfg, scheme, device, args, naive: bool, precompute: bool):
+    """The models, optimizers and one training iteration of a variant. The iteration reads ``state["cfg"]``, so
+    switches that act per step (``vsd.shared_lora_pass``, the student's checkpointing) can change between steps."""
     torch.cuda.empty_cache() if device.type == "cuda" else None
     gc.collect()
     if device.type == "cuda":
@@ -217,8 +218,10 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
             for i in range(0, len(PROMPTS), bs):
                 cache[i // bs] = encode_prompts(m.text_encoder, m.tokenizer, PROMPTS[i:i + bs], device)
             null = encode_prompts(m.text_encoder, m.tokenizer, [""], device)
+    state = {"cfg": cfg, "shared_steps": 0}
 
     def iteration(i, record=False):
+        cfg = state["cfg"]
         prompts = PROMPTS[(i * bs) % len(PROMPTS):][:bs]
         if len(prompts) < bs:
             prompts = PROMPTS[:bs]
@@ -232,6 +235,7 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
             loss, x0, _, shared = student_step(m, cfg, emb, nul, prompts, i, autocast)
         if shared is not None:  # vsd.shared_lora_pass: the LoRA teacher's update from the VSD pass, as the loop does
             shared.backward()
+            state["shared_steps"] += 1
         loss.backward()
         out = {}
         if record:
@@ -251,6 +255,24 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
         opt_l.zero_grad(set_to_none=True)
         return out
 
+    return m, state, iteration
+
+
+def _timed_step(iteration, i, device) -> tuple[float, float]:
+    """One iteration's wall time (s) and the peak memory it reached (GiB; 0 on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    iteration(i)
+    sync(device)
+    dt = time.perf_counter() - t0
+    return dt, (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0)
+
+
+def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: bool, ref=None,
+                profile: bool = False):
+    m, state, iteration = _setup(base, cfg, scheme, device, args, naive, precompute)
+    bs = args.batch
     torch.manual_seed(123)
     t0 = time.perf_counter()
     first = iteration(0, record=True)
@@ -287,8 +309,58 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     keep = {k: v.cpu() if torch.is_tensor(v) else v for k, v in first.items()} if ref is None else None
-    del m, opt_s, opt_l, cache
+    del m, state, iteration
     return row, keep
+
+
+def run_interleaved(variants, base, scheme, device, args) -> list[dict]:
+    """Variants that differ only in per-step switches (same models, same compiled graphs), timed in turns — A B C A B
+    C … — so that a drift of the card's speed during the run (seen on the lent H100s: the same variant 10–15% apart
+    within one run) falls on all of them alike. Each gets ``args.steps`` timed steps after two warm-ups of its own;
+    peak memory is the highest of its own steps. No numerical check here (the rows measured alone carry it)."""
+    names = [n for n, _ in variants]
+    m, state, iteration = _setup(base, variants[0][1], scheme, device, args, False, True)
+
+    def switch(cfg):
+        state["cfg"] = cfg
+        m.student.disable_gradient_checkpointing()
+        set_checkpointing(m.student, cfg)
+
+    torch.manual_seed(123)
+    i, first = 0, {}
+    for name, cfg in variants:
+        switch(cfg)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            iteration(i)
+            i += 1
+        sync(device)
+        first[name] = time.perf_counter() - t0
+    times = {n: [] for n in names}
+    peaks = {n: 0.0 for n in names}
+    shared = {n: 0 for n in names}  # what each variant's steps ran: steps with the shared pass, checkpointed blocks
+    checkpointed = {}
+    for _ in range(args.steps):
+        for name, cfg in variants:
+            switch(cfg)
+            checkpointed[name] = sorted({".".join(n.split(".")[:2]) for n, mod in m.student.named_modules()
+                                         if getattr(mod, "gradient_checkpointing", False)})
+            before = state["shared_steps"]
+            dt, peak = _timed_step(iteration, i, device)
+            shared[name] += state["shared_steps"] - before
+            i += 1
+            times[name].append(dt)
+            peaks[name] = max(peaks[name], peak)
+    bs = args.batch
+    rows = []
+    for name in names:
+        ms = statistics.median(times[name]) * 1e3
+        rows.append({"variant": name, "scheme": scheme, "batch": bs, "step_ms": ms, "samples_per_s": bs * 1e3 / ms,
+                     "interleaved": True, "warmup_s": first[name], "step_ms_all": [t * 1e3 for t in times[name]],
+                     "steps_with_shared_pass": shared[name], "checkpointed_blocks": checkpointed[name],
+                     **({"peak_gib": peaks[name]} if device.type == "cuda" else {})})
+    del m, state, iteration
+    return rows
 
 
 def main() -> None:
@@ -306,6 +378,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None,
                     help="after naive, only the variants whose names contain these strings, in this order (a string "
                          "given twice measures its variant twice)")
+    ap.add_argument("--interleave", nargs="*", default=None,
+                    help="time these variants (name substrings; they may differ only in the shared pass and "
+                         "checkpointing) in turns on one set of models, after naive alone: robust to the card's drift")
     ap.add_argument("--profile", action="store_true",
                     help="profile two steps of every non-naive variant: kernel time by kind, GPU busy share")
     args = ap.parse_args()
@@ -349,10 +424,25 @@ def main() -> None:
             if missing:
                 ap.error(f"--only {missing}: no such variant in {[v[0].strip() for v in levers]}")
             levers = [levers[0]] + [p[0] for p in picked]
+        def config(train_kw, other):
+            sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]
+            return load_config(prof, sets + [f"train.batch_size={args.batch}"])
+
+        turns = []
+        if args.interleave:  # these are timed in turns on one set of models, after naive is timed alone
+            picked = [[v for v in levers[1:] if o in v[0]] for o in args.interleave]
+            missing = [o for o, p in zip(args.interleave, picked, strict=True) if not p]
+            if missing:
+                ap.error(f"--interleave {missing}: no such variant in {[v[0].strip() for v in levers[1:]]}")
+            turns = [p[0] for p in picked]
+            model_level = {repr({k: v for k, v in t[1].items() if k not in ("gradient_checkpointing",
+                                                                              "checkpoint_blocks")}) for t in turns}
+            if len(model_level) > 1 or any(set(t[2]) - {"vsd.shared_lora_pass"} for t in turns):
+                ap.error("--interleave: the variants must differ only in the shared pass and checkpointing")
+            levers = [levers[0]]
         ref, base_ms = None, None
         for name, train_kw, other, naive, pre in levers:
-            sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]
-            cfg = load_config(prof, sets + [f"train.batch_size={args.batch}"])
+            cfg = config(train_kw, other)
             try:
                 row, keep = run_variant(name, base, cfg, scheme, device, args, naive, pre, ref,
                                         profile=args.profile and not naive)
@@ -371,6 +461,13 @@ def main() -> None:
             if os.environ.get("OUT"):  # after every row: a run cut short keeps what it measured
                 Path(os.environ["OUT"], "train_step.json").write_text(json.dumps(
                     {"card": card, "torch": torch.__version__, "rows": rows}, indent=2))
+        if turns:
+            for row in run_interleaved([(t[0], config(t[1], t[2])) for t in turns], base, scheme, device, args):
+                row["speedup_vs_naive"] = base_ms / row["step_ms"]
+                rows.append(row)
+                print(f"{scheme:<4} {row['variant']:<58} {row['step_ms']:8.1f} ms {row['samples_per_s']:7.1f} "
+                      f"samples/s x{row['speedup_vs_naive']:.2f}  peak {row.get('peak_gib', 0):5.1f} GiB  "
+                      f"(in turns; warm-up {row['warmup_s']:.1f}s)", flush=True)
     print(f"card: {card}, torch {torch.__version__}, batch {args.batch}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "train_step.json").write_text(json.dumps({"card": card, "torch": torch.__version__,

@@ -78,7 +78,9 @@ class VSDConfig(_Strict):
     single_teacher_call: bool = False
     # The LoRA teacher's first update of each iteration trains on the pass that gave the VSD estimate (same x_t, t and
     # text, with gradients to its adapter) instead of a pass of its own: one UNet forward fewer a step. It then sees
-    # t in [t_min, t_max] and no null-text dropout, so it needs lora_guidance_scale 1 (BENCHMARKS.md).
+    # t in [t_min, t_max] and no null-text dropout, so it needs lora_guidance_scale 1. Measured (BENCHMARKS.md): 12%
+    # faster on an H100 (compiled, batch 16) at +9.6 GiB peak, but worse students in the mini-world (branch A FID
+    # 1881 against 1402, 3 seeds) — off.
     shared_lora_pass: bool = False
 
     @model_validator(mode="after")
@@ -265,7 +267,8 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = True
     # Selective checkpointing, with gradient_checkpointing off: only these blocks of the student UNet (names as in
     # its state dict: "up_blocks.3", "down_blocks.0", "mid_block") recompute their activations in the backward —
-    # the high-resolution blocks hold most of the activations for a small share of the arithmetic.
+    # the high-resolution blocks hold most of the activations for a small share of the arithmetic ([up_blocks.3] on
+    # SD2.1 at batch 16: -3.3 GiB for +4% step time on an H100, BENCHMARKS.md).
     checkpoint_blocks: list[str] = []
     log_every: int = Field(10, ge=1)
     # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.

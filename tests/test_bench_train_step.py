@@ -52,3 +52,26 @@ def test_profile_sorts_kernels_by_what_they_compute():
               "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>":
                   "elementwise / copies / other"}
     assert {k: mod.kernel_kind(k) for k in expect} == expect
+
+
+def test_interleaved_variants_share_models_and_are_timed_in_turns(tmp_path):
+    """--interleave: naive alone, then the chosen variants on one set of models, each with its own timed steps;
+    variants that need other models (here: torch.compile's or channels_last's) are refused."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--tiny", "--scheme", "full", "--steps", "2"]
+    proc = subprocess.run(cmd + ["--interleave", "no gradient", "shared LoRA-teacher pass (no", "checkpoint up_blocks.1"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert [r["variant"].strip() for r in rows] == ["naive", "+ no gradient checkpointing",
+                                                    "+ shared LoRA-teacher pass (no channels_last)",
+                                                    "+ checkpoint up_blocks.1 (shared pass)"]
+    assert not rows[0].get("interleaved")
+    for r in rows[1:]:
+        assert r["interleaved"] and len(r["step_ms_all"]) == 2 and r["speedup_vs_naive"] > 0
+    # each turn ran its own settings: the shared pass and the checkpointed blocks switch between steps
+    assert [r["steps_with_shared_pass"] for r in rows[1:]] == [0, 2, 2]
+    assert [r["checkpointed_blocks"] for r in rows[1:]] == [[], [], ["up_blocks.1"]]
+    bad = subprocess.run(cmd + ["--interleave", "no gradient", "channels_last"], env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert bad.returncode != 0 and "differ only in the shared pass and checkpointing" in bad.stderr
