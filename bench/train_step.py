@@ -278,13 +278,15 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
     first = iteration(0, record=True)
     sync(device)
     first_s = time.perf_counter() - t0
+    # to the CPU at once: the full student's gradient is 3.2 GiB that the timed steps' peak must not count
+    first = {k: v.cpu() if torch.is_tensor(v) else v for k, v in first.items()}
     check = {}
     if ref is not None:
         # the shared pass trains the LoRA teacher at the VSD estimate's t and noise, not at the naive step's own
         # draws: its LoRA loss and gradient are not comparable, the student's are
         lora = not cfg.vsd.shared_lora_pass
         for k in ("grad_student", "grad_lora")[:2 if lora else 1]:
-            check[f"rel_err_{k}"] = float((first[k].cpu() - ref[k].cpu()).norm() / ref[k].cpu().norm().clamp_min(1e-30))
+            check[f"rel_err_{k}"] = float((first[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))
         for k in ("loss_vsd", "loss_lora")[:2 if lora else 1]:
             check[f"rel_err_{k}"] = abs(first[k] - ref[k]) / max(abs(ref[k]), 1e-30)
     for i in range(1, 3):
@@ -308,15 +310,15 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
                   f"{k} {v:.1f}" for k, v in row["profile"]["by_kind_ms"].items()), flush=True)
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    keep = {k: v.cpu() if torch.is_tensor(v) else v for k, v in first.items()} if ref is None else None
+    keep = first if ref is None else None
     del m, state, iteration
     return row, keep
 
 
 def run_interleaved(variants, base, scheme, device, args) -> list[dict]:
-    """Variants that differ only in per-step switches (same models, same compiled graphs), timed in turns — A B C A B
-    C … — so that a drift of the card's speed during the run (seen on the lent H100s: the same variant 10–15% apart
-    within one run) falls on all of them alike. Each gets ``args.steps`` timed steps after two warm-ups of its own;
+    """Variants that differ only in per-step switches (same models, same compiled graphs), timed in turns — A B C,
+    B C A, C A B, … — so that a drift of the card's speed during the run (seen on the lent H100s: the same variant
+    10–15% apart within one run) falls on all of them alike. Each gets ``args.steps`` timed steps after two warm-ups of its own;
     peak memory is the highest of its own steps. No numerical check here (the rows measured alone carry it)."""
     names = [n for n, _ in variants]
     m, state, iteration = _setup(base, variants[0][1], scheme, device, args, False, True)
@@ -340,10 +342,12 @@ def run_interleaved(variants, base, scheme, device, args) -> list[dict]:
     peaks = {n: 0.0 for n in names}
     shared = {n: 0 for n in names}  # what each variant's steps ran: steps with the shared pass, checkpointed blocks
     checkpointed = {}
-    for _ in range(args.steps):
-        for name, cfg in variants:
+    for turn in range(args.steps):
+        k = turn % len(variants)  # the order rotates: no variant always follows the same one
+        for name, cfg in variants[k:] + variants[:k]:
             switch(cfg)
-            checkpointed[name] = sorted({".".join(n.split(".")[:2]) for n, mod in m.student.named_modules()
+            checkpointed[name] = sorted({"mid_block" if n.startswith("mid_block") else ".".join(n.split(".")[:2])
+                                         for n, mod in m.student.named_modules()
                                          if getattr(mod, "gradient_checkpointing", False)})
             before = state["shared_steps"]
             dt, peak = _timed_step(iteration, i, device)
@@ -370,7 +374,9 @@ def main() -> None:
     ap.add_argument("--scheme", choices=["full", "lora", "both"], default="both")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="naive, best eager and compiled variants only")
+    ap.add_argument("--quick", action="store_true",
+                    help="naive, the best eager variant, the shared pass, the compiled ones and the checkpoint-block "
+                         "variants only")
     ap.add_argument("--checkpoint-blocks", nargs="*", default=None,
                     help="variants with the shared LoRA-teacher pass and train.checkpoint_blocks, each a comma-joined "
                          "list of student blocks (default: up_blocks.3 and up_blocks.3,down_blocks.0, the 64x64 "
@@ -435,9 +441,14 @@ def main() -> None:
             if missing:
                 ap.error(f"--interleave {missing}: no such variant in {[v[0].strip() for v in levers[1:]]}")
             turns = [p[0] for p in picked]
-            model_level = {repr({k: v for k, v in t[1].items() if k not in ("gradient_checkpointing",
-                                                                              "checkpoint_blocks")}) for t in turns}
-            if len(model_level) > 1 or any(set(t[2]) - {"vsd.shared_lora_pass"} for t in turns):
+
+            def model_level(t):  # the resolved config without the switches a turn may change
+                d = config(t[1], t[2]).model_dump()
+                d["train"].pop("gradient_checkpointing"), d["train"].pop("checkpoint_blocks")
+                d["vsd"].pop("shared_lora_pass")
+                return repr(d)
+
+            if len({model_level(t) for t in turns}) > 1:
                 ap.error("--interleave: the variants must differ only in the shared pass and checkpointing")
             levers = [levers[0]]
         ref, base_ms = None, None
@@ -460,9 +471,15 @@ def main() -> None:
                   f"  {errs}", flush=True)
             if os.environ.get("OUT"):  # after every row: a run cut short keeps what it measured
                 Path(os.environ["OUT"], "train_step.json").write_text(json.dumps(
-                    {"card": card, "torch": torch.__version__, "rows": rows}, indent=2))
+                    {"card": card, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
         if turns:
-            for row in run_interleaved([(t[0], config(t[1], t[2])) for t in turns], base, scheme, device, args):
+            try:
+                done = run_interleaved([(t[0], config(t[1], t[2])) for t in turns], base, scheme, device, args)
+            except torch.OutOfMemoryError as e:
+                done = [{"variant": t[0], "scheme": scheme, "error": f"OOM in turns: {str(e)[:200]}"} for t in turns]
+                print(f"{scheme:<4} variants in turns: OOM", flush=True)
+            rows += [r for r in done if "error" in r]
+            for row in [r for r in done if "error" not in r]:
                 row["speedup_vs_naive"] = base_ms / row["step_ms"]
                 rows.append(row)
                 print(f"{scheme:<4} {row['variant']:<58} {row['step_ms']:8.1f} ms {row['samples_per_s']:7.1f} "
@@ -470,8 +487,8 @@ def main() -> None:
                       f"(in turns; warm-up {row['warmup_s']:.1f}s)", flush=True)
     print(f"card: {card}, torch {torch.__version__}, batch {args.batch}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "train_step.json").write_text(json.dumps({"card": card, "torch": torch.__version__,
-                                                                          "rows": rows}, indent=2))
+        Path(os.environ["OUT"], "train_step.json").write_text(json.dumps(
+            {"card": card, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

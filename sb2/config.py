@@ -79,8 +79,8 @@ class VSDConfig(_Strict):
     # The LoRA teacher's first update of each iteration trains on the pass that gave the VSD estimate (same x_t, t and
     # text, with gradients to its adapter) instead of a pass of its own: one UNet forward fewer a step. It then sees
     # t in [t_min, t_max] and no null-text dropout, so it needs lora_guidance_scale 1. Measured (BENCHMARKS.md): 12%
-    # faster on an H100 (compiled, batch 16) at +9.6 GiB peak, but worse students in the mini-world (branch A FID
-    # 1881 against 1402, 3 seeds) — off.
+    # faster on an H100 (compiled, batch 16) at +9.6 GiB peak (37.2 GiB), but worse students in the mini-world
+    # (branch A FID 1881 against 1402, 3 seeds) — off.
     shared_lora_pass: bool = False
 
     @model_validator(mode="after")
@@ -268,7 +268,7 @@ class TrainConfig(_Strict):
     # Selective checkpointing, with gradient_checkpointing off: only these blocks of the student UNet (names as in
     # its state dict: "up_blocks.3", "down_blocks.0", "mid_block") recompute their activations in the backward —
     # the high-resolution blocks hold most of the activations for a small share of the arithmetic ([up_blocks.3] on
-    # SD2.1 at batch 16: -3.3 GiB for +4% step time on an H100, BENCHMARKS.md).
+    # SD2.1 at batch 16: -3.2 GiB for +4% step time on an H100, BENCHMARKS.md).
     checkpoint_blocks: list[str] = []
     log_every: int = Field(10, ge=1)
     # Where prompts come from: a text file (one a line), or a Parquet/CSV file or folder with a `prompt` column.
@@ -579,6 +579,14 @@ class Config(_Strict):
     @classmethod
     def _unique_rewards(cls, v: list[RewardConfig]) -> list[RewardConfig]:
         return _names_unique(v, "reward")
+
+    @model_validator(mode="after")
+    def _shared_pass_precision(self) -> "Config":
+        # fp16's loss scaler: accelerate's clip of the student's gradients unscales every optimizer, the shared pass's
+        # LoRA gradients included, and the LoRA teacher's own clip would unscale them a second time
+        if self.vsd.shared_lora_pass and self.train.mixed_precision == "fp16":
+            raise ValueError("vsd.shared_lora_pass does not support train.mixed_precision=fp16 (use bf16 or no)")
+        return self
 
     @field_validator("profile")
     @classmethod

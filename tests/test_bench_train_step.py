@@ -59,8 +59,8 @@ def test_interleaved_variants_share_models_and_are_timed_in_turns(tmp_path):
     variants that need other models (here: torch.compile's or channels_last's) are refused."""
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--tiny", "--scheme", "full", "--steps", "2"]
-    proc = subprocess.run(cmd + ["--interleave", "no gradient", "shared LoRA-teacher pass (no", "checkpoint up_blocks.1"],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    turns = ["--interleave", "no gradient", "shared LoRA-teacher pass (no", "checkpoint up_blocks.1"]
+    proc = subprocess.run(cmd + turns, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
     assert [r["variant"].strip() for r in rows] == ["naive", "+ no gradient checkpointing",

@@ -53,7 +53,20 @@ def flaky(m, cfg, emb, null, prompts, step, autocast, reg=None):
     return out
 
 
+end_training = accelerate.Accelerator.end_training
+
+
+def dumping_end_training(self):  # every process writes its LoRA weights down (SB2_DUMP_LORA set)
+    if os.environ.get("SB2_DUMP_LORA"):
+        for i, model in enumerate(self._models):
+            inner = getattr(model, "module", model)
+            lora = {k: v.detach().cpu() for k, v in inner.named_parameters() if "lora_" in k}
+            torch.save(lora, Path(os.environ["SB2_RECORD"], f"lora-{i}-rank-{os.environ['RANK']}.pt"))
+    return end_training(self)
+
+
 accelerate.Accelerator.prepare, loop.student_step = recording_prepare, flaky
+accelerate.Accelerator.end_training = dumping_end_training
 from sb2.cli import main
 
 main()
@@ -274,3 +287,16 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_both(tmp_path):
 
     for opt in ("opt_student", "opt_lora_teacher"):  # 3 updates in 4 steps, of both optimizers
         assert [updates(states[s], opt) for s in (1, 2, 4)] == [1, 2, 3], opt
+
+
+def test_the_shared_lora_pass_all_reduces_the_lora_teachers_gradients(tmp_path):
+    """vsd.shared_lora_pass under DDP: the LoRA teacher's pass runs through its DDP wrapper, so both processes (each
+    with its own prompts) end with the same LoRA teacher; a pass around the wrapper would leave them apart."""
+    script, run = _recording(tmp_path), tmp_path / "shared"
+    sets = ("train.steps=3", "tracking.enabled=false", "vsd.shared_lora_pass=true")
+    _run(_launch(run, *sets, script=script, scheme="full"), **_script_env(tmp_path, SB2_DUMP_LORA="1"))
+    dumps = {r: torch.load(tmp_path / f"lora-1-rank-{r}.pt") for r in (0, 1)}
+    assert dumps[0] and dumps[0].keys() == dumps[1].keys()
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in dumps[0].items())  # it was trained
+    for k in dumps[0]:
+        assert torch.equal(dumps[0][k], dumps[1][k]), k

@@ -156,9 +156,9 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_cfg, tmp_path, monkeypatch
     calls = {"n": 0}
 
     def flaky(m, cfg, emb, null, prompts, step, autocast):
-        loss, x0, logs = real(m, cfg, emb, null, prompts, step, autocast)
+        out = real(m, cfg, emb, null, prompts, step, autocast)
         calls["n"] += 1
-        return (loss * float("nan"), x0, logs) if step == 1 else (loss, x0, logs)
+        return out._replace(loss=out.loss * float("nan")) if step == 1 else out
 
     monkeypatch.setattr(loop, "student_step", flaky)
     cfg = tiny_cfg.model_copy(deep=True)
@@ -176,8 +176,8 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(tiny_cfg, t
     real = loop.student_step
 
     def diverging(m, cfg, emb, null, prompts, step, autocast):
-        loss, x0, logs = real(m, cfg, emb, null, prompts, step, autocast)
-        return (loss * float("inf"), x0, logs) if step >= 2 else (loss, x0, logs)
+        out = real(m, cfg, emb, null, prompts, step, autocast)
+        return out._replace(loss=out.loss * float("inf")) if step >= 2 else out
 
     monkeypatch.setattr(loop, "student_step", diverging)
     cfg = tiny_cfg.model_copy(deep=True)

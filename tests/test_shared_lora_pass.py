@@ -92,6 +92,7 @@ def test_the_lora_teacher_learns_from_the_vsd_pass(tiny_cfg):
 @pytest.mark.parametrize("sets, message", [
     (["vsd.shared_lora_pass=true", "vsd.lora_guidance_scale=2"], "lora_guidance_scale=1"),
     (["vsd.shared_lora_pass=true", "vsd.single_teacher_call=true"], "cannot both be on"),
+    (["vsd.shared_lora_pass=true", "train.mixed_precision=fp16"], "does not support train.mixed_precision=fp16"),
 ])
 def test_settings_it_cannot_serve_are_refused(sets, message):
     from sb2.config import load_config
@@ -100,10 +101,11 @@ def test_settings_it_cannot_serve_are_refused(sets, message):
         load_config("tiny", sets)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_the_loop_runs_one_teacher_forward_fewer_a_step(tiny_cfg, tmp_path, shared):
+@pytest.mark.parametrize("shared, updates, calls_a_step", [(False, 1, 3), (True, 1, 2), (True, 2, 3)])
+def test_the_loop_runs_one_teacher_forward_fewer_a_step(tiny_cfg, tmp_path, shared, updates, calls_a_step):
     """`sb2.train.loop.train` on the tiny profile: three teacher calls a step (cond+uncond, LoRA estimate, LoRA
-    update) without the switch, two with it; the LoRA teacher is trained either way and every logged loss is finite."""
+    update) without the switch, two with it, and one more for a second LoRA-teacher update; the LoRA teacher is
+    trained either way and every logged loss is finite."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -119,13 +121,36 @@ def test_the_loop_runs_one_teacher_forward_fewer_a_step(tiny_cfg, tmp_path, shar
 
     cfg = _cfg(tiny_cfg, shared)
     cfg.train.steps, cfg.tracking.enabled, cfg.tracking.image_every = 2, False, 0
+    cfg.lora_teacher.updates_per_student_update = updates
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
         train(cfg, "full", tmp_path / "run", progress=False)
     finally:
         handle.remove()
-    assert len(calls) == 1 and list(calls.values()) == [(2 if shared else 3) * cfg.train.steps]
+    assert len(calls) == 1 and list(calls.values()) == [calls_a_step * cfg.train.steps]
     final = json.loads((tmp_path / "run" / "train.json").read_text())["final"]
     assert "loss/lora_teacher" in final and all(math.isfinite(v) for v in final.values())
     adapter = load_file(str(tmp_path / "run" / "lora_teacher" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items()), "B starts at zero"
+
+
+def test_a_skipped_step_drops_the_shared_pass_gradients(tiny_cfg, tmp_path, monkeypatch):
+    """A non-finite student loss skips the step: the LoRA teacher is not updated by its shared pass either, and that
+    pass's gradients do not reach the next step's update."""
+    import sb2.train.loop as loop
+
+    real, seen = loop.student_step, {}
+
+    def spy(m, cfg, emb, null, prompts, step, autocast, reg=None):
+        seen[step] = ([p.detach().clone() for p in m.lora_params], [p.grad is None for p in m.lora_params])
+        out = real(m, cfg, emb, null, prompts, step, autocast, reg=reg)
+        return out._replace(loss=out.loss * float("nan")) if step == 1 else out
+
+    monkeypatch.setattr(loop, "student_step", spy)
+    cfg = _cfg(tiny_cfg, True)
+    cfg.train.steps, cfg.tracking.enabled, cfg.tracking.image_every = 3, False, 0
+    loop.train(cfg, "full", tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["nonfinite_skips"] == 1
+    assert all(all(none) for _, none in seen.values()), "gradients carried over into a step"
+    assert any(not torch.equal(a, b) for a, b in zip(seen[0][0], seen[1][0], strict=True))  # step 0 updated it
+    assert all(torch.equal(a, b) for a, b in zip(seen[1][0], seen[2][0], strict=True))  # step 1 did not

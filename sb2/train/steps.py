@@ -226,6 +226,11 @@ def per_sample_adapters(unet, adapter_names: list[str]):
             h.remove()
 
 
+def _trainer(m: Models) -> torch.nn.Module:
+    """The module the LoRA teacher's trained passes run through (see ``Models.teacher_trainer``)."""
+    return m.teacher_trainer if m.teacher_trainer is not None else m.teacher_unet
+
+
 def frozen_teacher_eps(teacher, x_t, t, emb, null_emb, cfg: Config) -> torch.Tensor:
     """ε̂ of the frozen teacher with CFG at x_t: cond and uncond in one call with the adapter off (and on again after)."""
     teacher.disable_adapters()
@@ -310,7 +315,7 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
             eps_teacher = frozen_teacher_eps(m.teacher_unet, x_t.to(dt or x_t.dtype), t, emb.to(dt or emb.dtype),
                                              null_emb.to(dt or null_emb.dtype), cfg)
         with autocast():
-            eps_psi = (m.teacher_trainer or m.teacher_unet)(x_t, t, encoder_hidden_states=emb).sample
+            eps_psi = _trainer(m)(x_t, t, encoder_hidden_states=emb).sample
         lora_loss = diffusion_loss(eps_psi, noise)
         eps_lora = eps_psi.detach().float()
     else:
@@ -411,5 +416,5 @@ def lora_teacher_loss(m: Models, cfg: Config, x0: torch.Tensor, emb: torch.Tenso
     drop = torch.rand(b, device=x0.device) < cfg.lora_teacher.null_text_dropout
     cond = torch.where(drop.view(-1, 1, 1), null_emb.expand_as(emb), emb)
     with autocast():
-        eps = (m.teacher_trainer or m.teacher_unet)(x_t, t, encoder_hidden_states=cond).sample
+        eps = _trainer(m)(x_t, t, encoder_hidden_states=cond).sample
     return diffusion_loss(eps, noise)
