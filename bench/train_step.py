@@ -318,8 +318,9 @@ def run_variant(name, base, cfg, scheme, device, args, naive: bool, precompute: 
 def run_interleaved(variants, base, scheme, device, args) -> list[dict]:
     """Variants that differ only in per-step switches (same models, same compiled graphs), timed in turns — A B C,
     B C A, C A B, … — so that a drift of the card's speed during the run (seen on the lent H100s: the same variant
-    10–15% apart within one run) falls on all of them alike. Each gets ``args.steps`` timed steps after two warm-ups of its own;
-    peak memory is the highest of its own steps. No numerical check here (the rows measured alone carry it)."""
+    10–15% apart within one run) falls on all of them alike. Each gets ``args.steps`` timed steps after two warm-ups
+    of its own; peak memory is the highest of its own steps. No numerical check here (the rows measured alone carry
+    it)."""
     names = [n for n, _ in variants]
     m, state, iteration = _setup(base, variants[0][1], scheme, device, args, False, True)
 
@@ -430,6 +431,7 @@ def main() -> None:
             if missing:
                 ap.error(f"--only {missing}: no such variant in {[v[0].strip() for v in levers]}")
             levers = [levers[0]] + [p[0] for p in picked]
+
         def config(train_kw, other):
             sets = [f"train.{k}={str(v).lower()}" for k, v in train_kw.items()] + [f"{k}={v}" for k, v in other.items()]
             return load_config(prof, sets + [f"train.batch_size={args.batch}"])
