@@ -3,7 +3,9 @@
     python bench/miniworld_tune.py --steps 400 --variants "A|vsd.guidance_scale=2.0" "B|vsd.guidance_scale=2.0"
     python bench/miniworld_tune.py --parallel 6 --timeout-s 500 --variants ...   # one process a variant, 6 at a time
 
-Each variant is ``ROW|override|override...`` with ROW = A (full, VSD) or B (LoRA + clamped CLIP + schedule). Writes
+Each variant is ``ROW|override|override...`` with ROW = A (full, VSD), B (LoRA + clamped CLIP + schedule) or M (both
+trained with the overrides, then merged at λ = 0.5: the A, B and merged rows), or ``T|CFG``: the teacher at that
+guidance (the bench's 25 DDIM steps; no student). Writes
 $OUT/tune.json (or ./tune.json). With ``--parallel N`` each variant runs in its own process (N at a time, each
 killed after ``--timeout-s``): the tiny UNet's training loop is bound by the CPU's kernel launches, so one GPU trains
 several side by side; ``--mps`` first tries to start CUDA MPS (kernels of different processes then run
@@ -52,18 +54,44 @@ def main() -> None:
             print(f"skipped {spec}: past the budget", flush=True)
             continue
         row, *overrides = spec.split("|")
-        group, scheme, _ = bench.STUDENTS[row]
-        bench.STUDENTS[row] = (group, scheme, base[row] + overrides)
+        labels = variant_rows(row, overrides)
+        for student in ("A", "B") if row == "M" else (row,) if row in LABELS else ():
+            group, scheme, _ = bench.STUDENTS[student]
+            bench.STUDENTS[student] = (group, scheme, base[student] + overrides)
         plan = bench.Plan(num_captions=args.captions, seeds=(0,), train_steps=args.steps, batch_size=args.batch,
-                          sweep=False, rows=[LABELS[row]], full_lr=args.lr_full, lora_lr=args.lr_lora,
+                          sweep=False, rows=labels, full_lr=args.lr_full, lora_lr=args.lr_lora,
                           grid_captions=4, train_seeds=(0,))  # one student a variant: a variant sets train.seed
         rec = bench.run(f"/tmp/{args.name}/out{i}", plan, device=args.device, work=f"/tmp/{args.name}/work{i}")
-        r = rec["rows"][LABELS[row]]
-        results.append({"variant": spec, **{k: r[k]["mean"] for k in ("fid", "precision", "recall", "clip_score",
-                                                                        "alignment")},
-                        "train": rec["students"][row]})
+        scores = {lab: {k: rec["rows"][lab][k]["mean"] for k in ("fid", "precision", "recall", "clip_score",
+                                                                 "alignment")}
+                  for lab in labels if lab in rec["rows"]}
+        students = rec.get("students", {})
+        if row == "M":
+            train_rec = {s: students.get(s) for s in ("A", "B")}
+        else:
+            train_rec = students.get(row)  # None for the teacher
+        results.append({"variant": spec, **scores.get(labels[-1], {}), "train": train_rec,
+                        **({"rows": scores} if len(labels) > 1 else {})})
         print("RESULT", json.dumps(results[-1]), flush=True)
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+
+
+def variant_rows(row: str, overrides: list[str]) -> list[str]:
+    """The bench rows a variant scores (the last is its headline); ``T|CFG`` adds a teacher row at that guidance."""
+    if row == "T":
+        if len(overrides) != 1:
+            raise SystemExit(f"a teacher variant is T|CFG (got T|{'|'.join(overrides)})")
+        cfg = float(overrides[0])
+        label = f"teacher, cfg {cfg:g}"
+        if label not in {lab for _, lab, _ in bench.ROWS}:
+            bench.ROWS.append(("Table 1: the teacher (multi-step, DDIM)", label, f"teacher:{cfg}"))
+            bench.ORDER.insert(0, label)
+        return [label]
+    if row == "M":
+        return [LABELS["A"], LABELS["B"], "merged A+B, λ = 0.5"]
+    if row not in LABELS:
+        raise SystemExit(f"unknown row {row!r}: A, B, M or T")
+    return [LABELS[row]]
 
 
 def stop_mps() -> None:

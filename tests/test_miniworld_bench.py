@@ -178,14 +178,41 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "A|train.seed=1",
-                        "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
+                        "T|1.5", "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
                         "--name", f"tune_test_{os.getpid()}"],
                        cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
                        timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    (variant,) = json.loads((tmp_path / f"tune_test_{os.getpid()}.json").read_text())
+    variant, teacher = json.loads((tmp_path / f"tune_test_{os.getpid()}.json").read_text())
     assert variant["variant"] == "A|train.seed=1" and variant["train"]["overrides"] == ["train.seed=1"]
     assert "trained A@1" not in r.stdout and r.stdout.count("trained A ") == 1
+    # a teacher variant scores the teacher at its guidance and trains nothing
+    assert teacher["variant"] == "T|1.5" and teacher["train"] is None and teacher["fid"] > 0
+    assert "teacher, cfg 1.5:" in r.stdout and r.stdout.count("trained ") == 1
+
+
+def test_tuning_variants_name_their_rows(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from sb2.miniworld import bench
+
+    monkeypatch.setattr(bench, "ROWS", list(bench.ROWS))  # the teacher rows a variant adds stay in this test
+    monkeypatch.setattr(bench, "ORDER", list(bench.ORDER))
+    spec = importlib.util.spec_from_file_location(
+        "miniworld_tune", Path(__file__).resolve().parents[1] / "bench" / "miniworld_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    assert tune.variant_rows("A", ["train.seed=1"]) == ["A: full, VSD"]
+    assert tune.variant_rows("M", []) == ["A: full, VSD", "B: LoRA, clamped + schedule (B)", "merged A+B, λ = 0.5"]
+    rows = len(bench.ROWS)
+    for _ in range(2):  # once, however often it is asked for
+        assert tune.variant_rows("T", ["1.5"]) == ["teacher, cfg 1.5"]
+    assert len(bench.ROWS) == rows + 1 and bench.ROWS[-1][2] == "teacher:1.5" and bench.ORDER[0] == "teacher, cfg 1.5"
+    assert set(bench.ORDER) == {label for _, label, _ in bench.ROWS} | {"sweep"}
+    for row, overrides in (("T", []), ("T", ["1.5", "x=1"]), ("C", [])):
+        with pytest.raises(SystemExit):
+            tune.variant_rows(row, overrides)
 
 
 def test_a_training_seed_whose_student_failed_is_left_out_of_its_rows(tmp_path):
