@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -417,7 +418,8 @@ def main() -> None:
         if not args.no_compile and device.type == "cuda":
             fastest = dict(gradient_checkpointing=False, channels_last=False, compile=True)
             levers += [("  + torch.compile, per block (no channels_last)", fastest, {}, False, True),
-                       ("  + torch.compile + shared LoRA-teacher pass", fastest, shared, False, True)]
+                       ("  + torch.compile + shared LoRA-teacher pass", fastest, shared, False, True),
+                       ("  + torch.compile + CUDA graphs per block", dict(fastest, cuda_graphs=True), {}, False, True)]
         for blocks in args.checkpoint_blocks:  # selective checkpointing, to bring the shared pass's peak down
             levers.append((f"  + checkpoint {blocks} (shared pass{', compiled' if fastest.get('compile') else ''})",
                            dict(fastest, checkpoint_blocks=f"[{blocks}]"), shared, False, True))
@@ -462,6 +464,15 @@ def main() -> None:
             except torch.OutOfMemoryError as e:
                 rows.append({"variant": name, "scheme": scheme, "error": f"OOM: {str(e)[:200]}"})
                 print(f"{scheme:<4} {name:<58} OOM", flush=True)
+                continue
+            except Exception as e:  # noqa: BLE001 — a lever that fails (a compile mode, say) must not cost the rest
+                if naive:
+                    raise
+                traceback.print_exc()
+                rows.append({"variant": name, "scheme": scheme, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                print(f"{scheme:<4} {name:<58} failed: {type(e).__name__}", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
                 continue
             if ref is None:
                 ref, base_ms = keep, row["step_ms"]

@@ -284,6 +284,11 @@ class TrainConfig(_Strict):
     # "blocks": each transformer and ResNet block compiled on its own (regional compilation: identical blocks share one
     # compiled graph, so compiling takes a minute or two); "full": the whole UNet as one graph (compiles for > 4 min).
     compile_mode: Literal["blocks", "full"] = "blocks"
+    # With compile: each compiled region replayed as a CUDA graph (torch.compile's "reduce-overhead" mode, CUDA graph
+    # trees; every training iteration marks a new step). The compiled step kept one H100 busy only 65% of the time
+    # (the host's launches were the limit); with graphs another H100 went from 89% to 95% busy, 5% faster
+    # (BENCHMARKS.md). Off, as compile is: the training loop itself was not run with it on a GPU.
+    cuda_graphs: bool = False
     # The frozen teacher's no-grad passes (cond/uncond and the LoRA teacher's VSD estimate) under autocast, as the
     # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so
     # GroupNorm/LayerNorm stay bf16 instead of round trips through fp32 (eager profile on an H100: casts, elementwise
@@ -291,6 +296,13 @@ class TrainConfig(_Strict):
     # 552 ms against 534 ms with autocast — 3.5% slower, so it stays true (BENCHMARKS.md).
     frozen_autocast: bool = True
     ddp: DDPConfig = DDPConfig()
+
+    @model_validator(mode="after")
+    def _cuda_graphs(self) -> "TrainConfig":
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("train.cuda_graphs replays the compiled blocks as CUDA graphs: set train.compile=true "
+                             "with it")
+        return self
 
     @model_validator(mode="after")
     def _checkpointing(self) -> "TrainConfig":

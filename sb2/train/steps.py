@@ -172,16 +172,19 @@ def apply_speed_switches(m: Models, cfg: Config, device) -> Models:
                 mod.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         for unet in (m.student, m.teacher_unet):
-            compile_unet(unet, cfg.train.compile_mode)
+            compile_unet(unet, cfg.train.compile_mode, cuda_graphs=cfg.train.cuda_graphs)
     return m
 
 
-def compile_unet(unet: torch.nn.Module, mode: str = "blocks") -> None:
+def compile_unet(unet: torch.nn.Module, mode: str = "blocks", cuda_graphs: bool = False) -> None:
     """torch.compile in place. ``blocks`` compiles every transformer and ResNet block separately: blocks of the same
     class and shape reuse one graph, which keeps compilation to minutes where the whole UNet's forward and backward
-    took over four; the code between blocks (time embedding, up/down sampling, skip concatenation) stays eager."""
+    took over four; the code between blocks (time embedding, up/down sampling, skip concatenation) stays eager.
+    ``cuda_graphs``: each compiled region is replayed as a CUDA graph (mode "reduce-overhead"; on CPU tensors
+    torch.compile runs it without)."""
+    kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
     if mode == "full":
-        unet.compile()
+        unet.compile(**kwargs)
         return
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
@@ -198,7 +201,7 @@ def compile_unet(unet: torch.nn.Module, mode: str = "blocks") -> None:
             setattr(cfg, name, max(getattr(cfg, name), limit))
     for mod in unet.modules():
         if isinstance(mod, (BasicTransformerBlock, ResnetBlock2D)):
-            mod.compile(dynamic=False)
+            mod.compile(dynamic=False, **kwargs)
 
 
 def _adamw(params, lr: float, cfg: Config, device) -> torch.optim.AdamW:
@@ -297,6 +300,8 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
     its diffusion loss ‖ε̂_ψ(x_t, t, y) − ε‖² on that same pass is returned as ``lora_loss``: the VSD estimate uses it
     detached, so the student's loss and gradient are the same as without the switch.
     """
+    if cfg.train.cuda_graphs:  # an iteration starts here: CUDA graph trees may now reuse the last one's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     b = emb.shape[0]
     device = emb.device
     z = torch.randn((b, *m.latent_shape), device=device)

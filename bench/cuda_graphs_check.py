@@ -1,0 +1,99 @@
+"""Does `sb2 train` give the same student with ``train.cuda_graphs``? Trains each scheme twice through
+the real loop (``sb2.train.loop.train``, torch.compile per block on), once without and once with CUDA
+graphs, from the same seed, and compares the saved students, the final losses and the loop's own
+throughput.
+
+    python bench/cuda_graphs_check.py                       # GPU: mini-world profile, 30 steps x 64
+    python bench/cuda_graphs_check.py --steps 2 --batch 2   # CPU smoke run (no compile or graphs)
+
+Writes $OUT/cuda_graphs_check.json (or ./). A check, not a timing benchmark: the throughput is the
+loop's own (windows of ``train.log_every`` steps after the first), from one run each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sb2.config import load_config  # noqa: E402
+from sb2.train.loop import train  # noqa: E402
+
+
+def student_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the saved student (the full UNet or the LoRA adapter), keyed by file and name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.relative_to(path)}:{k}"] = v.float()
+    if not out:
+        raise FileNotFoundError(f"no .safetensors under {path}")
+    return out
+
+
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    if a.keys() != b.keys():
+        raise ValueError(f"the two students differ in their tensors: {sorted(a.keys() ^ b.keys())[:5]}")
+    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+    den = sum(float(b[k].pow(2).sum()) for k in b)
+    return {"tensors": len(a), "identical": all(torch.equal(a[k], b[k]) for k in a),
+            "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+            "rel_err": (num / den) ** 0.5 if den else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="miniworld")
+    ap.add_argument("--schemes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr-full", type=float, default=1e-6)  # the mini-world bench's rates
+    ap.add_argument("--lr-lora", type=float, default=3e-4)
+    ap.add_argument("--work", default="/tmp/sb2-cuda-graphs-check")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "."))
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    record = {"card": card, "torch": torch.__version__, "args": vars(args), "runs": [], "comparisons": {}}
+    for scheme in args.schemes:
+        students = {}
+        for graphs in (False, True):
+            cfg = load_config(args.profile, [
+                f"train.steps={args.steps}", f"train.batch_size={args.batch}",
+                f"train.log_every={max(1, args.steps // 3)}",
+                f"optim.student_lr={args.lr_full if scheme == 'full' else args.lr_lora}",
+                "train.seed=0", "train.compile=true", f"train.cuda_graphs={str(graphs).lower()}",
+                "tracking.enabled=false", "tracking.image_every=0",
+                f"checkpoint.every={max(1, args.steps // 2)}", "checkpoint.resume=false"])
+            run_dir = Path(args.work) / f"{scheme}_{'graphs' if graphs else 'compiled'}"
+            t0 = time.perf_counter()
+            path = train(cfg, scheme, run_dir, progress=False)
+            seconds = time.perf_counter() - t0
+            final = json.loads((run_dir / "train.json").read_text())["final"]
+            students[graphs] = student_tensors(path)
+            run = {"scheme": scheme, "cuda_graphs": graphs, "seconds": round(seconds, 1), "final": final}
+            if torch.cuda.is_available():
+                run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            record["runs"].append(run)
+            print(f"{scheme:<4} cuda_graphs={graphs!s:<5} {seconds:6.1f} s  "
+                  + "  ".join(f"{k}={v:.4g}" for k, v in final.items()), flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))  # each run as it ends
+        record["comparisons"][scheme] = compare(students[True], students[False])
+        print(f"{scheme:<4} student with graphs vs without: {record['comparisons'][scheme]}", flush=True)
+        (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))
+    print(f"card: {card}, torch {torch.__version__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`train.cuda_graphs`: the compiled blocks replayed as CUDA graphs (torch.compile's reduce-overhead mode).
+
+CUDA graphs need a GPU; here the switch's wiring is checked: every compiled block gets the mode, every training
+iteration marks a new step for CUDA graph trees before the student's first block runs, the switch is refused without
+compile, and the real loop trains with it on (bench/cuda_graphs_check.py, the GPU check, on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def test_it_needs_compile():
+    from sb2.config import load_config
+
+    with pytest.raises(ValueError, match="train.cuda_graphs .* set train.compile=true"):
+        load_config("tiny", ["train.cuda_graphs=true"])
+    assert load_config("tiny", ["train.compile=true", "train.cuda_graphs=true"]).train.cuda_graphs
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_every_block_is_compiled_in_the_mode_of_the_switch(tiny_cfg, monkeypatch, graphs):
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from sb2.train.steps import build_models, compile_unet
+
+    real, seen = torch.compile, []
+
+    def spy(fn, *args, **kwargs):  # records what nn.Module.compile asks for, and compiles as asked
+        seen.append((getattr(fn, "__self__", None), kwargs))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    unet = build_models(tiny_cfg, "full", "cpu").student
+    compile_unet(unet, "blocks", cuda_graphs=graphs)
+    blocks = [mod for mod in unet.modules() if isinstance(mod, (ResnetBlock2D, BasicTransformerBlock))]
+    assert len(blocks) > 4 and [s for s, _ in seen] == blocks
+    want = {"dynamic": False, **({"mode": "reduce-overhead"} if graphs else {})}
+    assert all(kw == want for _, kw in seen)
+    seen.clear()
+    compile_unet(unet, "full", cuda_graphs=graphs)
+    assert seen == [(unet, {"mode": "reduce-overhead"} if graphs else {})]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_each_iteration_marks_a_new_step_before_the_student_runs(tiny_cfg, monkeypatch, graphs):
+    from sb2.student import encode_prompts
+    from sb2.train.steps import build_models, student_step
+
+    events = []
+    real = torch.compiler.cudagraph_mark_step_begin
+
+    def mark():
+        events.append("mark")
+        real()
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.train.compile, cfg.train.cuda_graphs = graphs, graphs
+    torch.manual_seed(0)
+    m = build_models(cfg, "full", "cpu")
+    m.student.register_forward_pre_hook(lambda *_: events.append("student"))
+    emb = encode_prompts(m.text_encoder, m.tokenizer, ["a red cube", "a blue ball"], "cpu")
+    null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
+    for step in range(3):
+        student_step(m, cfg, emb, null, ["a red cube", "a blue ball"], step, nullcontext)
+    assert events == (["mark", "student"] * 3 if graphs else ["student"] * 3)
+
+
+def test_the_loop_trains_the_same_student_with_the_switch(tmp_path):
+    """The GPU check script on CPU (compile and graphs act only on a GPU): the loop accepts the switch end to end and
+    the script compares what it should."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
+                        "--schemes", "full", "--steps", "2", "--batch", "2", "--work", str(tmp_path / "work")],
+                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+    assert [(run["scheme"], run["cuda_graphs"]) for run in rec["runs"]] == [("full", False), ("full", True)]
+    assert rec["comparisons"]["full"]["identical"] and rec["comparisons"]["full"]["tensors"] > 10
+    assert rec["runs"][0]["final"]["loss/vsd"] == rec["runs"][1]["final"]["loss/vsd"]
