@@ -12,6 +12,7 @@ the VSD and LoRA-teacher losses and the student and LoRA gradients are compared 
     python bench/train_step.py [--batch 16] [--steps 12] [--scheme full|lora|both] [--no-compile]
     python bench/train_step.py --tiny     # CPU smoke test with tiny models
     python bench/train_step.py --scheme full --quick --no-compile --profile   # + where the best eager step's time goes
+    python bench/train_step.py --scheme full --only "CUDA graphs" "torch.compile, per block"   # graphs vs compile
 Prints a table; writes $OUT/train_step.json when OUT is set. A benchmark, not a test.
 """
 
@@ -384,8 +385,8 @@ def main() -> None:
                          "list of student blocks (default: up_blocks.3 and up_blocks.3,down_blocks.0, the 64x64 "
                          "latent's blocks; up_blocks.1 with --tiny)")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="after naive, only the variants whose names contain these strings, in this order (a string "
-                         "given twice measures its variant twice)")
+                    help="after naive, only the variants whose names contain these strings, in this order (a "
+                         "string given twice measures its variant twice; any variant, with --quick or without)")
     ap.add_argument("--interleave", nargs="*", default=None,
                     help="time these variants (name substrings; they may differ only in the shared pass and "
                          "checkpointing) in turns on one set of models, after naive alone: robust to the card's drift")
@@ -423,11 +424,14 @@ def main() -> None:
         for blocks in args.checkpoint_blocks:  # selective checkpointing, to bring the shared pass's peak down
             levers.append((f"  + checkpoint {blocks} (shared pass{', compiled' if fastest.get('compile') else ''})",
                            dict(fastest, checkpoint_blocks=f"[{blocks}]"), shared, False, True))
+        every = list(levers)
         if args.quick or (scheme == "lora" and not args.tiny):
-            # naive, the best eager variant, the shared pass and the compiled ones (the lever study itself is on the
-            # full scheme; the frozen-autocast lever was measured slower and is left out)
-            levers = [levers[0], levers[3]] + levers[6:]
+            # naive, the best eager variant, the shared pass and the compiled ones (the lever study itself is on
+            # the full scheme; the frozen-autocast lever was measured slower and is left out; CUDA graphs compile
+            # for minutes more: asked for by --only)
+            levers = [levers[0], levers[3]] + [v for v in levers[6:] if "CUDA graphs" not in v[0]]
         if args.only:  # naive first (the baseline and the numerical reference), then the named ones in the given order
+            levers = every  # any variant, --quick or not
             picked = [[v for v in levers if o in v[0]] for o in args.only]
             missing = [o for o, p in zip(args.only, picked, strict=True) if not p]
             if missing:
