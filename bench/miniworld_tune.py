@@ -55,7 +55,7 @@ def main() -> None:
             continue
         row, *overrides = spec.split("|")
         labels = variant_rows(row, overrides)
-        for student in ("A", "B") if row == "M" else (row,) if row in LABELS else ():
+        for student in variant_students(row):
             group, scheme, _ = bench.STUDENTS[student]
             bench.STUDENTS[student] = (group, scheme, base[student] + overrides)
         plan = bench.Plan(num_captions=args.captions, seeds=(0,), train_steps=args.steps, batch_size=args.batch,
@@ -79,9 +79,10 @@ def main() -> None:
 def variant_rows(row: str, overrides: list[str]) -> list[str]:
     """The bench rows a variant scores (the last is its headline); ``T|CFG`` adds a teacher row at that guidance."""
     if row == "T":
-        if len(overrides) != 1:
-            raise SystemExit(f"a teacher variant is T|CFG (got T|{'|'.join(overrides)})")
-        cfg = float(overrides[0])
+        try:
+            (cfg,) = (float(o) for o in overrides)
+        except ValueError:  # several values, none, or not a number
+            raise SystemExit(f"a teacher variant is T|CFG (got T|{'|'.join(overrides)})") from None
         label = f"teacher, cfg {cfg:g}"
         if label not in {lab for _, lab, _ in bench.ROWS}:
             bench.ROWS.append(("Table 1: the teacher (multi-step, DDIM)", label, f"teacher:{cfg}"))
@@ -92,6 +93,11 @@ def variant_rows(row: str, overrides: list[str]) -> list[str]:
     if row not in LABELS:
         raise SystemExit(f"unknown row {row!r}: A, B, M or T")
     return [LABELS[row]]
+
+
+def variant_students(row: str) -> tuple[str, ...]:
+    """The students a variant's overrides go to: both branches for M, none for a teacher row."""
+    return ("A", "B") if row == "M" else (row,) if row in LABELS else ()
 
 
 def stop_mps() -> None:

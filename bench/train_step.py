@@ -152,6 +152,8 @@ KERNEL_KINDS = [("attention", ("flash", "fmha", "sdpa", "attention")),
                 ("layout conversion (NCHW <-> NHWC)", ("nchwtonhwc", "nhwctonchw")),
                 ("convolution", ("implicit_gemm", "fprop", "dgrad", "wgrad", "conv", "winograd")),
                 ("matmul (GEMM)", ("gemm", "cutlass", "nvjet", "cublas", "xmma")),
+                # torch._foreach_copy_: CUDA graph trees copying a block's inputs into the graph's own buffers
+                ("list copies (_foreach_copy_: CUDA-graph inputs)", ("copyfunctor",)),
                 ("optimizer and gradient clipping", ("adam", "multi_tensor", "lpnorm", "normtwo")),
                 ("normalization", ("layer_norm", "group_norm", "layernorm", "groupnorm", "rowwisemoments")),
                 ("triton (fused by compile)", ("triton",)),
@@ -166,6 +168,23 @@ def kernel_kind(name: str) -> str:
     return KERNEL_KINDS[-1][0]
 
 
+def kernel_ms_by_kind(events, n: int) -> dict[str, float]:
+    """Kernel time per step (ms) by kind from a profile's ``key_averages()`` over ``n`` steps. GPU-side user
+    annotations (``Optimizer.step#AdamW.step``: the span of the optimizer's kernels) carry device time too; they are
+    not kernels and would count that time twice."""
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    kinds: dict[str, float] = {}
+    for e in events:
+        if getattr(e, "is_user_annotation", False):
+            continue
+        if dev_us(e) > 0 and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + dev_us(e) / 1e3 / n
+    return kinds
+
+
 def profile_steps(iteration, first: int, n: int, device, step_ms: float, path: Path | None) -> dict:
     """Where the time of ``n`` steps goes on the GPU: kernel time per step by kind and the share of the (unprofiled)
     step it fills — a GPU busy far less than the step waits on the host (Python, launches, syncs)."""
@@ -177,13 +196,7 @@ def profile_steps(iteration, first: int, n: int, device, step_ms: float, path: P
         sync(device)
     events = prof.key_averages()
 
-    def dev_us(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
-
-    kinds: dict[str, float] = {}
-    for e in events:
-        if dev_us(e) > 0 and getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + dev_us(e) / 1e3 / n
+    kinds = kernel_ms_by_kind(events, n)
     total = sum(kinds.values())
     out = {"kernel_ms_per_step": total, "step_ms": step_ms, "gpu_busy": total / step_ms,
            "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
@@ -195,6 +208,21 @@ def profile_steps(iteration, first: int, n: int, device, step_ms: float, path: P
             table = events.table(sort_by="self_device_time_total", row_limit=40)
         path.write_text(json.dumps(out, indent=2) + "\n\n" + table)
     return out
+
+
+def release_cuda_graphs() -> None:
+    """Forget the compiled blocks and the CUDA graph trees of a ``train.cuda_graphs`` variant: torch keeps the
+    trees' memory pools (and the graphs' outputs in them) until reset."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+    except ImportError:  # an older torch: dynamo's reset is all there is
+        return
+    reset_cudagraph_trees()
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def _setup(base, cfg, scheme, device, args, naive: bool, precompute: bool):
@@ -462,19 +490,22 @@ def main() -> None:
         ref, base_ms = None, None
         for name, train_kw, other, naive, pre in levers:
             cfg = config(train_kw, other)
+            failed = None
             try:
                 row, keep = run_variant(name, base, cfg, scheme, device, args, naive, pre, ref,
                                         profile=args.profile and not naive)
             except torch.OutOfMemoryError as e:
-                rows.append({"variant": name, "scheme": scheme, "error": f"OOM: {str(e)[:200]}"})
-                print(f"{scheme:<4} {name:<58} OOM", flush=True)
-                continue
+                failed = f"OOM: {str(e)[:200]}"
             except Exception as e:  # noqa: BLE001 — a lever that fails (a compile mode, say) must not cost the rest
                 if naive:
                     raise
                 traceback.print_exc()
-                rows.append({"variant": name, "scheme": scheme, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-                print(f"{scheme:<4} {name:<58} failed: {type(e).__name__}", flush=True)
+                failed = f"{type(e).__name__}: {str(e)[:500]}"
+            if cfg.train.cuda_graphs:
+                release_cuda_graphs()  # their memory pools would count in the peaks of the variants after
+            if failed is not None:
+                rows.append({"variant": name, "scheme": scheme, "error": failed})
+                print(f"{scheme:<4} {name:<58} {'OOM' if failed.startswith('OOM') else 'failed'}", flush=True)
                 gc.collect()
                 torch.cuda.empty_cache() if device.type == "cuda" else None
                 continue

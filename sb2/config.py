@@ -285,9 +285,10 @@ class TrainConfig(_Strict):
     # compiled graph, so compiling takes a minute or two); "full": the whole UNet as one graph (compiles for > 4 min).
     compile_mode: Literal["blocks", "full"] = "blocks"
     # With compile: each compiled region replayed as a CUDA graph (torch.compile's "reduce-overhead" mode, CUDA graph
-    # trees; every training iteration marks a new step). The compiled step kept one H100 busy only 65% of the time
-    # (the host's launches were the limit); with graphs another H100 went from 89% to 95% busy, 5% faster
-    # (BENCHMARKS.md). Off, as compile is: the training loop itself was not run with it on a GPU.
+    # trees; every training iteration marks a new step). The compiled step kept one H100 busy only 64% of the time
+    # (the host's launches were the limit); with graphs another H100 went from 86% to 93% busy, 5% faster in one run
+    # (BENCHMARKS.md). Off, as compile is: the training loop itself was not run with it on a GPU. Refused with gradient
+    # checkpointing (its recompute calls the compiled blocks inside the backward: not measured).
     cuda_graphs: bool = False
     # The frozen teacher's no-grad passes (cond/uncond and the LoRA teacher's VSD estimate) under autocast, as the
     # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so
@@ -302,6 +303,10 @@ class TrainConfig(_Strict):
         if self.cuda_graphs and not self.compile:
             raise ValueError("train.cuda_graphs replays the compiled blocks as CUDA graphs: set train.compile=true "
                              "with it")
+        if self.cuda_graphs and (self.gradient_checkpointing or self.checkpoint_blocks):
+            # checkpointing calls the compiled blocks again inside the backward: not measured under CUDA graphs
+            raise ValueError("train.cuda_graphs was measured without gradient checkpointing only: set "
+                             "train.gradient_checkpointing=false and no train.checkpoint_blocks with it")
         return self
 
     @model_validator(mode="after")

@@ -50,8 +50,30 @@ def test_profile_sorts_kernels_by_what_they_compute():
                   "optimizer and gradient clipping",
               "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>": "normalization",
               "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>":
-                  "elementwise / copies / other"}
+                  "elementwise / copies / other",
+              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+              "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, c10::BFloat16, 2, "
+              "1, 1>>": "list copies (_foreach_copy_: CUDA-graph inputs)"}
     assert {k: mod.kernel_kind(k) for k in expect} == expect
+
+
+def test_profile_counts_kernels_not_the_annotations_around_them():
+    """The H100 profiles listed ``Optimizer.step#AdamW.step`` (a GPU user annotation spanning the fused AdamW
+    kernels) with device time: counted, the optimizer's time was in the total twice."""
+    import importlib.util
+    from types import SimpleNamespace as Ev
+
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    events = [Ev(key="void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+                 device_type="DeviceType.CUDA", self_device_time_total=10_000.0, is_user_annotation=False),
+              Ev(key="Optimizer.step#AdamW.step", device_type="DeviceType.CUDA", self_device_time_total=10_500.0,
+                 is_user_annotation=True),
+              Ev(key="nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT", device_type="DeviceType.CUDA",
+                 self_device_time_total=30_000.0, is_user_annotation=False),
+              Ev(key="aten::mm", device_type="DeviceType.CPU", self_device_time_total=0.0, is_user_annotation=False)]
+    assert mod.kernel_ms_by_kind(events, 2) == {"optimizer and gradient clipping": 5.0, "matmul (GEMM)": 15.0}
 
 
 def test_interleaved_variants_share_models_and_are_timed_in_turns(tmp_path):

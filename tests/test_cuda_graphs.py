@@ -1,8 +1,8 @@
 """`train.cuda_graphs`: the compiled blocks replayed as CUDA graphs (torch.compile's reduce-overhead mode).
 
-CUDA graphs need a GPU; here the switch's wiring is checked: every compiled block gets the mode, every training
-iteration marks a new step for CUDA graph trees before the student's first block runs, the switch is refused without
-compile, and the real loop trains with it on (bench/cuda_graphs_check.py, the GPU check, on CPU)."""
+CUDA graphs need a GPU; here the switch's wiring is checked: the speed switches hand it to both UNets, every
+compiled block gets the mode, every training iteration marks a new step for CUDA graph trees before the student's
+first block runs, the switch is refused without compile or with checkpointing, and the GPU check script runs."""
 
 import json
 import os
@@ -15,12 +15,30 @@ import pytest
 import torch
 
 
-def test_it_needs_compile():
+def test_it_needs_compile_and_no_checkpointing():
     from sb2.config import load_config
 
     with pytest.raises(ValueError, match="train.cuda_graphs .* set train.compile=true"):
         load_config("tiny", ["train.cuda_graphs=true"])
-    assert load_config("tiny", ["train.compile=true", "train.cuda_graphs=true"]).train.cuda_graphs
+    on = ["train.compile=true", "train.cuda_graphs=true"]
+    assert load_config("tiny", on).train.cuda_graphs
+    for ckpt in (["train.gradient_checkpointing=true"], ["train.checkpoint_blocks=[up_blocks.1]"]):
+        with pytest.raises(ValueError, match="without gradient checkpointing only"):
+            load_config("tiny", on + ckpt)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_speed_switches_hand_the_mode_to_both_unets(tiny_cfg, monkeypatch, graphs):
+    import sb2.train.steps as steps
+
+    calls = []
+    monkeypatch.setattr(steps, "compile_unet", lambda unet, mode, cuda_graphs=False: calls.append(
+        (unet, mode, cuda_graphs)))
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.train.compile, cfg.train.cuda_graphs, cfg.train.channels_last = True, graphs, False
+    m = steps.build_models(cfg, "full", "cpu")
+    steps.apply_speed_switches(m, cfg, "cuda")  # the CUDA path (nothing in it moves the models)
+    assert calls == [(m.student, "blocks", graphs), (m.teacher_unet, "blocks", graphs)]
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -73,9 +91,9 @@ def test_each_iteration_marks_a_new_step_before_the_student_runs(tiny_cfg, monke
     assert events == (["mark", "student"] * 3 if graphs else ["student"] * 3)
 
 
-def test_the_loop_trains_the_same_student_with_the_switch(tmp_path):
-    """The GPU check script on CPU (compile and graphs act only on a GPU): the loop accepts the switch end to end and
-    the script compares what it should."""
+def test_the_gpu_check_script_runs(tmp_path):
+    """bench/cuda_graphs_check.py on CPU, where compile and graphs are off (the switch only marks steps there): the
+    loop accepts the switch end to end and the script compares the two students and losses."""
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
                         "--schemes", "full", "--steps", "2", "--batch", "2", "--work", str(tmp_path / "work")],

@@ -210,9 +210,11 @@ def test_tuning_variants_name_their_rows(monkeypatch):
         assert tune.variant_rows("T", ["1.5"]) == ["teacher, cfg 1.5"]
     assert len(bench.ROWS) == rows + 1 and bench.ROWS[-1][2] == "teacher:1.5" and bench.ORDER[0] == "teacher, cfg 1.5"
     assert set(bench.ORDER) == {label for _, label, _ in bench.ROWS} | {"sweep"}
-    for row, overrides in (("T", []), ("T", ["1.5", "x=1"]), ("C", [])):
+    for row, overrides in (("T", []), ("T", ["1.5", "x=1"]), ("T", ["abc"]), ("C", [])):
         with pytest.raises(SystemExit):
             tune.variant_rows(row, overrides)
+    # whose training the overrides change: M trains both branches with them, a teacher row trains nothing
+    assert [tune.variant_students(r) for r in ("A", "B", "M", "T")] == [("A",), ("B",), ("A", "B"), ()]
 
 
 def test_a_training_seed_whose_student_failed_is_left_out_of_its_rows(tmp_path):
