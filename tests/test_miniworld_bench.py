@@ -26,11 +26,19 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
     for row in [*record["rows"].values(), *record["sweep"]]:
         for key in ("fid", "precision", "recall", "clip_score", "alignment"):
             assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["std"]), key
-    # One model in two tables is one set of scores; a merge at λ = 1 is model A (training seed 0) exactly.
+    # One model in two tables is one set of scores; a merge at λ = 1 is model A (training seed 0) exactly — scored
+    # here on the validation captions, as the sweep is: so A is scored there too, from the student the run saved.
     rows = record["rows"]
     assert rows["SwiftBrush (VSD, Turbo init) = A"]["fid"] == rows["A: full, VSD"]["fid"]
-    seed0 = rows["A: full, VSD"]["per_train_seed"]["0"]
-    assert record["sweep"][-1]["fid"]["runs"][0] == seed0["fid"]["runs"][0]
+    assert record["sweep_split"] == "validation"
+    from sb2.miniworld.bench import Bench, Plan
+    from sb2.miniworld.judges import world_root
+
+    b = Bench(out, tmp_path / "work", Plan.quick(), "cpu", world_root().resolve())
+    b.students["A"] = tmp_path / "work" / "students" / "A" / "student"
+    a_val = b.score(b.generator("student:A"), (0,), "validation")
+    assert record["sweep"][-1]["fid"]["runs"][0] == a_val["fid"]["runs"][0]
+    assert a_val["fid"]["runs"][0] != rows["A: full, VSD"]["per_train_seed"]["0"]["fid"]["runs"][0]
     # The seeded rows are mean ± std over the training seeds of each seed's mean over the noise seeds; the seeds
     # trained different students.
     for label in ("A: full, VSD", "B: LoRA, clamped + schedule (B)", "merged A+B, λ = 0.5",
@@ -54,6 +62,7 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
     assert "QUICK" in md and "## Target" in md and all(label in md for _, label, _ in ROWS)
     assert "| A: full, VSD ‡ |" in md and "trained once per training seed [0, 1]" in md
     assert "| B: LoRA, no CLIP loss |" in md  # trained once: no mark
+    assert "Scored on the 16 validation captions" in md and "is scored on the evaluation captions" in md
     assert (out / "lambda_sweep.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
 
 
@@ -189,6 +198,30 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
     # a teacher variant scores the teacher at its guidance and trains nothing
     assert teacher["variant"] == "T|1.5" and teacher["train"] is None and teacher["fid"] > 0
     assert "teacher, cfg 1.5:" in r.stdout and r.stdout.count("trained ") == 1
+
+
+def test_the_validation_captions_are_other_scenes_of_the_evaluation_split(tmp_path):
+    """The sweep's validation captions: the evaluation split's next scenes (its templates), none of the evaluation
+    captions' scenes, with reference images rendered from exactly those scenes."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from sb2.miniworld import world
+    from sb2.miniworld.bench import Bench, Plan
+    from sb2.miniworld.judges import world_root
+
+    b = Bench(tmp_path / "out", tmp_path / "work", Plan.quick(), "cpu", world_root().resolve())
+    scenes, captions, reference = b.validation()
+    n = Plan.quick().num_captions
+    assert len(captions) == n and captions == world.captions(world.sample_scenes(0, "eval", 2 * n))[n:]
+    assert not set(captions) & set(b.captions)
+    first = np.asarray(Image.open(tmp_path / "work" / f"reference_val_{n}" / "000000.png"))
+    assert np.array_equal(first, world.render(scenes)[0])
+    assert reference.pr_features.shape[0] == n and Path(reference.info["images"]).name == f"reference_val_{n}"
+    gen = b.generator("turbo")
+    assert b.score(gen, (0,), "validation")["fid"]["runs"] != b.score(gen, (0,))["fid"]["runs"]
 
 
 def test_tuning_variants_name_their_rows(monkeypatch):

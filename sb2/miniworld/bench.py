@@ -25,6 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -112,6 +113,10 @@ class Plan:
     batch_size: int = 64
     lambdas: tuple[float, ...] = SWEEP
     sweep_seeds: int = 3  # the first this many of ``seeds`` score each λ of the sweep
+    # The captions the λ sweep is scored on, and λ* picked on: "validation" = the next ``num_captions`` scenes of the
+    # evaluation split (same templates and held-out combinations, other scenes), so the λ* row, scored on the
+    # evaluation captions, is not picked on the captions that score it; "eval" = the evaluation captions themselves.
+    sweep_split: Literal["validation", "eval"] = "validation"
     # training seeds of the students of SEEDED (A, B) and of their rows (the sweep and samples use seed 0's)
     train_seeds: tuple[int, ...] = (0, 1, 2)
     reg_pairs: int = 4000  # real training-split pairs rendered for the regularization (share 5% of the steps)
@@ -278,6 +283,7 @@ class Bench:
         self.attributes = load_judge(root / "judges" / "attributes").to(device)
         self.scenes = world.sample_scenes(0, "eval", n)
         self.captions = world.captions(self.scenes)
+        self._validation = None  # (scenes, captions, reference) of the sweep's validation captions, when first needed
         self.students: dict[str, Path] = {}
         self.pending: dict = {}  # student name → Future of its worker (Plan.workers > 1)
         self.pool = None  # a ProcessPoolExecutor while workers train
@@ -387,18 +393,39 @@ class Bench:
         return min(self.sweep, key=lambda r: r["fid"]["mean"])["lambda"]
 
     # --- scoring ----------------------------------------------------------------------------------------------
-    def score(self, gen, seeds) -> dict:
+    def validation(self) -> tuple:
+        """The validation captions (the evaluation split's scenes n … 2n − 1: disjoint from the evaluation
+        captions' scenes 0 … n − 1), their scenes and the judges' reference features of their images."""
+        if self._validation is None:
+            from sb2.evaluation.reference import reference_for
+            from sb2.miniworld.captions import write_reference_images
+
+            n = self.plan.num_captions
+            images = self.work / f"reference_val_{n}"
+            if not images.is_dir():
+                write_reference_images(images, num_eval=n, start=n)
+            ecfg = self.cfg.evaluate.model_copy(update={"reference_images": str(images),
+                                                        "reference_dir": str(self.work / f"reference_features_val_{n}")})
+            scenes = world.sample_scenes(0, "eval", n, start=n)
+            self._validation = (scenes, world.captions(scenes),
+                                reference_for(ecfg, self.judges, self.device, ["fid", "precision_recall"]))
+        return self._validation
+
+    def score(self, gen, seeds, split: str = "eval") -> dict:
+        """Scores over the noise ``seeds`` on the evaluation captions, or on the validation captions."""
         from sb2.evaluation.evaluate import protocol_metrics
         from sb2.evaluation.timing import PhaseTimer
         from sb2.miniworld.judges import alignment
 
+        scenes, captions, reference = (self.scenes, self.captions, self.reference) if split == "eval" \
+            else self.validation()
         ecfg, runs = self.cfg.evaluate, []
         for s in seeds:
             ecfg.seed = 100_000 * s
             collector = _Collector()
-            m = protocol_metrics(gen, self.captions, self.judges, self.reference, ecfg, PhaseTimer(self.device),
+            m = protocol_metrics(gen, captions, self.judges, reference, ecfg, PhaseTimer(self.device),
                                  collector, progress=False)
-            m["alignment"] = alignment(self.attributes, torch.cat(collector.images), self.scenes)
+            m["alignment"] = alignment(self.attributes, torch.cat(collector.images), scenes)
             runs.append(m)
         return {k: {"mean": statistics.fmean(r[k] for r in runs),
                     "std": statistics.pstdev([r[k] for r in runs]) if len(runs) > 1 else 0.0,
@@ -451,7 +478,7 @@ class Bench:
         seeds = self.plan.seeds[:self.plan.sweep_seeds]
         for lam in self.plan.lambdas:
             gen.unet.load_state_dict(self.merged_state("A", "B", lam))
-            self.sweep.append({"lambda": lam, **self.score(gen, seeds)})
+            self.sweep.append({"lambda": lam, **self.score(gen, seeds, self.plan.sweep_split)})
             print(f"[{self.elapsed():6.0f} s] sweep λ = {lam}: FID {self.sweep[-1]['fid']['mean']:.4g}", flush=True)
         self.timings["sweep"] = round(time.perf_counter() - t, 1)
 
@@ -470,7 +497,8 @@ class Bench:
                 "vsd_guidance": next((t.get("vsd_guidance") for t in self.train_info.values()), None),
                 "clip_tau": next((t["clip_tau"] for t in self.train_info.values() if t.get("clip_tau") is not None),
                                  None),
-                "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "train_seeds": list(p.train_seeds),
+                "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "sweep_split": p.sweep_split,
+                "train_seeds": list(p.train_seeds),
                 "world": str(self.root),
                 "rows": self.rows, "tables": [[t, lab] for t, lab, _ in ROWS if lab in self.rows],
                 "sweep": self.sweep, "students": self.train_info, "skipped": self.skipped, "failed": self.failed,
@@ -539,7 +567,7 @@ def _run_rows(b: Bench, plan: Plan, out: Path, save) -> None:
         try:
             if label == "sweep":
                 b.run_sweep()
-                plot_sweep(b.sweep, out / "lambda_sweep.png", b.rows)
+                plot_sweep(b.sweep, out / "lambda_sweep.png", b.rows, plan.sweep_split)
             else:
                 b.run_row(label)
         except Exception as e:  # noqa: BLE001 — one failed row (a diverged student, say) must not cost the rest

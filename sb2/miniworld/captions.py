@@ -35,11 +35,13 @@ def write_caption_files(out: str | Path, seed: int = 0, num_prompts: int = 8_000
     return paths
 
 
-def write_reference_images(out: str | Path, seed: int = 0, num_eval: int = 2048) -> Path:
+def write_reference_images(out: str | Path, seed: int = 0, num_eval: int = 2048, start: int = 0) -> Path:
+    """The images of the evaluation split's scenes ``start`` … ``start + num_eval − 1`` (the evaluation captions are
+    scenes 0 … num_eval − 1; the bench's validation captions the next num_eval)."""
     from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(world.render(world.sample_scenes(seed, "eval", num_eval))):
+    for i, im in enumerate(world.render(world.sample_scenes(seed, "eval", num_eval, start=start))):
         Image.fromarray(im).save(out / f"{i:06d}.png")
     return out

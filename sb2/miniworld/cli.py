@@ -121,6 +121,9 @@ def bench(
     captions: Annotated[int | None, typer.Option(help="Evaluation captions (default 2048).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Evaluation (noise) seeds per model (default 3).")] = None,
     sweep_seeds: Annotated[int | None, typer.Option(help="Seeds per λ of the sweep (default 3).")] = None,
+    sweep_split: Annotated[str, typer.Option(help="Captions the λ sweep is scored on and λ* picked on: validation "
+                                                  "(the evaluation split's next scenes, default) or eval (the "
+                                                  "evaluation captions themselves).")] = "validation",
     train_seeds: Annotated[int | None, typer.Option(min=1, help="Training seeds of A, B and their merges (default "
                                                                 "3; every other student trains once).")] = None,
     budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
@@ -139,7 +142,10 @@ def bench(
     and the teacher (cfg 2/4.5/7.5) and the Turbo analog with the mini-world judges (mean ± std over seeds)."""
     from sb2.miniworld.bench import Plan, run
 
+    if sweep_split not in ("validation", "eval"):
+        raise typer.BadParameter(f"--sweep-split is validation or eval, not {sweep_split!r}")
     plan = Plan.quick() if quick else Plan()
+    plan.sweep_split = sweep_split
     for name, value in (("train_steps", steps), ("batch_size", batch_size), ("num_captions", captions),
                         ("sweep_seeds", sweep_seeds), ("budget_s", budget_s), ("full_lr", lr_full),
                         ("lora_lr", lr_lora), ("workers", workers)):
