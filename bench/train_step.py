@@ -502,10 +502,14 @@ def main() -> None:
                 traceback.print_exc()
                 failed = f"{type(e).__name__}: {str(e)[:500]}"
             if cfg.train.cuda_graphs:
-                release_cuda_graphs()  # their memory pools would count in the peaks of the variants after
+                try:
+                    release_cuda_graphs()  # their memory pools would count in the peaks of the variants after
+                except Exception as e:  # noqa: BLE001 — a broken CUDA context fails what follows, not this row
+                    traceback.print_exc()
+                    failed = failed or f"reset after the variant: {type(e).__name__}: {str(e)[:300]}"
             if failed is not None:
                 rows.append({"variant": name, "scheme": scheme, "error": failed})
-                print(f"{scheme:<4} {name:<58} {'OOM' if failed.startswith('OOM') else 'failed'}", flush=True)
+                print(f"{scheme:<4} {name:<58} failed: {failed[:80]}", flush=True)
                 gc.collect()
                 torch.cuda.empty_cache() if device.type == "cuda" else None
                 continue

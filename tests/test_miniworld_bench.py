@@ -200,7 +200,7 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
     assert "teacher, cfg 1.5:" in r.stdout and r.stdout.count("trained ") == 1
 
 
-def test_the_validation_captions_are_other_scenes_of_the_evaluation_split(tmp_path):
+def test_the_validation_captions_are_other_scenes_of_the_evaluation_split(tmp_path, monkeypatch):
     """The sweep's validation captions: the evaluation split's next scenes (its templates), none of the evaluation
     captions' scenes, with reference images rendered from exactly those scenes."""
     from pathlib import Path
@@ -220,8 +220,20 @@ def test_the_validation_captions_are_other_scenes_of_the_evaluation_split(tmp_pa
     first = np.asarray(Image.open(tmp_path / "work" / f"reference_val_{n}" / "000000.png"))
     assert np.array_equal(first, world.render(scenes)[0])
     assert reference.pr_features.shape[0] == n and Path(reference.info["images"]).name == f"reference_val_{n}"
+    from sb2.miniworld import judges
+
+    real, judged = judges.alignment, []
+
+    def alignment(net, images, scenes_judged):  # the real judge, noting which scenes it judged against
+        judged.append(scenes_judged)
+        return real(net, images, scenes_judged)
+
+    monkeypatch.setattr(judges, "alignment", alignment)
     gen = b.generator("turbo")
     assert b.score(gen, (0,), "validation")["fid"]["runs"] != b.score(gen, (0,))["fid"]["runs"]
+    assert [world.captions(sc) for sc in judged] == [captions, b.captions]
+    with pytest.raises(ValueError, match="split is eval or validation"):
+        b.score(gen, (0,), "test")
 
 
 def test_tuning_variants_name_their_rows(monkeypatch):

@@ -402,7 +402,8 @@ class Bench:
 
             n = self.plan.num_captions
             images = self.work / f"reference_val_{n}"
-            if not images.is_dir():
+            if len(list(images.glob("*.png"))) != n:  # none yet, or a write cut short
+                shutil.rmtree(images, ignore_errors=True)
                 write_reference_images(images, num_eval=n, start=n)
             ecfg = self.cfg.evaluate.model_copy(update={"reference_images": str(images),
                                                         "reference_dir": str(self.work / f"reference_features_val_{n}")})
@@ -417,6 +418,8 @@ class Bench:
         from sb2.evaluation.timing import PhaseTimer
         from sb2.miniworld.judges import alignment
 
+        if split not in ("eval", "validation"):
+            raise ValueError(f"split is eval or validation, not {split!r}")
         scenes, captions, reference = (self.scenes, self.captions, self.reference) if split == "eval" \
             else self.validation()
         ecfg, runs = self.cfg.evaluate, []
