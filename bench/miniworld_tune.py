@@ -65,11 +65,8 @@ def main() -> None:
         scores = {lab: {k: rec["rows"][lab][k]["mean"] for k in ("fid", "precision", "recall", "clip_score",
                                                                  "alignment")}
                   for lab in labels if lab in rec["rows"]}
-        students = rec.get("students", {})
-        if row == "M":
-            train_rec = {s: students.get(s) for s in ("A", "B")}
-        else:
-            train_rec = students.get(row)  # None for the teacher
+        trained = {s: rec.get("students", {}).get(s) for s in variant_students(row)}
+        train_rec = trained if row == "M" else trained.get(row)  # None for the teacher
         results.append({"variant": spec, **scores.get(labels[-1], {}), "train": train_rec,
                         **({"rows": scores} if len(labels) > 1 else {})})
         print("RESULT", json.dumps(results[-1]), flush=True)

@@ -214,12 +214,9 @@ def release_cuda_graphs() -> None:
     """Forget the compiled blocks and the CUDA graph trees of a ``train.cuda_graphs`` variant: torch keeps the
     trees' memory pools (and the graphs' outputs in them) until reset."""
     import torch._dynamo
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
     torch._dynamo.reset()
-    try:
-        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-    except ImportError:  # an older torch: dynamo's reset is all there is
-        return
     reset_cudagraph_trees()
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
