@@ -52,8 +52,13 @@ class ModelsConfig(_Strict):
     @field_validator("teacher", "student", "tiny_vae", "clip")
     @classmethod
     def _local_path_exists(cls, v: str) -> str:
-        if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
-            raise ValueError(f"local model path {v!r} does not exist")
+        if v.startswith(("/", "./", "../", "~")):
+            try:
+                path = Path(v).expanduser()
+            except RuntimeError:  # "~name" of a user this machine does not have
+                raise ValueError(f"local model path {v!r}: no such user's home directory") from None
+            if not path.exists():
+                raise ValueError(f"local model path {v!r} does not exist")
         if not v.strip():
             raise ValueError("empty model id")
         return v

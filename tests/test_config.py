@@ -65,3 +65,11 @@ def test_cli_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("train", "merge", "generate", "export"):
         assert cmd in r.stdout
+
+
+def test_a_home_directory_of_no_such_user_is_a_clear_error():
+    """Found by tests/test_safety.py's random inputs: "~0" made pathlib raise RuntimeError instead of a config error."""
+    from sb2.config import load_config
+
+    with pytest.raises(ValueError, match="no such user's home directory"):
+        load_config("tiny", ["models.teacher=~no_such_user_sb2"])
