@@ -31,7 +31,7 @@ from sb2.train import checkpoint as ckpt
 from sb2.train.data import PromptSampler, read_prompts
 from sb2.train.paired import RegularizationFeed
 from sb2.train.steps import (Models, Scheme, _adamw, apply_speed_switches, build_models, lora_teacher_loss,
-                             regularization_batch, student_step, vae_scale_factor)
+                             regularization_batch, student_optimizer, student_step, vae_scale_factor)
 
 PREVIEW_PROMPTS = 8
 
@@ -269,7 +269,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         m = apply_speed_switches(build_models(cfg, scheme, device, weight_dtype), cfg, device)
     if reg_feed is not None:
         reg_feed.fit(m.latent_shape, vae_scale_factor(m.vae))
-    opt_s = _adamw(m.student_params, cfg.optim.student_lr, cfg, device)
+    opt_s = student_optimizer(m, cfg, device)
     opt_l = _adamw(m.lora_params, cfg.lora_teacher.lr, cfg, device)
     student, teacher_ddp, opt_s, opt_l = accelerator.prepare(m.student, m.teacher_unet, opt_s, opt_l)
     m.student = student

@@ -180,15 +180,15 @@ def compile_unet(unet: torch.nn.Module, mode: str = "blocks", cuda_graphs: bool 
     """torch.compile in place. ``blocks`` compiles every transformer and ResNet block separately: blocks of the same
     class and shape reuse one graph, which keeps compilation to minutes where the whole UNet's forward and backward
     took over four; the code between blocks (time embedding, up/down sampling, skip concatenation) stays eager.
+    ``regions``: larger regions of the same kind — each whole ``Transformer2DModel`` (its GroupNorm, input and output
+    projections and residual with its transformer blocks) instead of the blocks alone, the ResNet blocks, and the
+    up/down samplers — so that less of the UNet runs as eager kernels between compiled graphs.
     ``cuda_graphs``: each compiled region is replayed as a CUDA graph (mode "reduce-overhead"; on CPU tensors
     torch.compile runs it without)."""
     kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
     if mode == "full":
         unet.compile(**kwargs)
         return
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
     import torch._dynamo
 
     # One graph per (block class, channel widths, resolution, batch, grad mode, adapter state): the lora scheme (LoRA
@@ -199,9 +199,58 @@ def compile_unet(unet: torch.nn.Module, mode: str = "blocks", cuda_graphs: bool 
                         ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), limit))
-    for mod in unet.modules():
-        if isinstance(mod, (BasicTransformerBlock, ResnetBlock2D)):
-            mod.compile(dynamic=False, **kwargs)
+    for mod in compiled_regions(unet, mode):
+        mod.compile(dynamic=False, **kwargs)
+
+
+def compiled_regions(unet: torch.nn.Module, mode: str) -> list[torch.nn.Module]:
+    """The submodules ``compile_unet`` compiles one by one in a regional mode, outermost first; none inside another."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if mode == "blocks":
+        kinds: tuple[type, ...] = (BasicTransformerBlock, ResnetBlock2D)
+    elif mode == "regions":
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        from diffusers.models.downsampling import Downsample2D
+        from diffusers.models.upsampling import Upsample2D
+
+        kinds = (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D)
+    else:
+        raise ValueError(f"no regional compile mode {mode!r}: blocks or regions")
+    out: list[torch.nn.Module] = []
+    for mod in unet.modules():  # pre-order: a region's children come after it
+        if isinstance(mod, kinds) and not any(mod in set(o.modules()) for o in out):
+            out.append(mod)
+    return out
+
+
+def lr_param_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float,
+                    scale: dict[str, float]) -> list[dict]:
+    """Optimizer parameter groups: each parameter at ``lr`` times the factor of the first key of ``scale`` that its
+    name contains, else at ``lr``: the unscaled group first (its rate is the one logged), then one a key, in order. A key
+    that names no parameter is an error (a typo would otherwise train everything at the base rate)."""
+    groups: dict[str | None, list[torch.nn.Parameter]] = {None: []}
+    for name, p in named:
+        key = next((k for k in scale if k in name), None)
+        groups.setdefault(key, []).append(p)
+    unused = [k for k in scale if k not in groups]
+    if unused:
+        raise ValueError(f"optim.student_lr_scale: no trainable student parameter's name contains {unused} "
+                         f"(e.g. {[n for n, _ in named[:3]]})")
+    return [{"params": groups[k], "lr": lr * (scale[k] if k is not None else 1.0)} for k in [None, *scale]]
+
+
+def student_optimizer(m: Models, cfg: Config, device) -> torch.optim.AdamW:
+    """AdamW over the student's trainable parameters, with ``optim.student_lr_scale``'s per-layer rates."""
+    if not cfg.optim.student_lr_scale:
+        return _adamw(m.student_params, cfg.optim.student_lr, cfg, device)
+    ids = {id(p) for p in m.student_params}
+    named = [(n, p) for n, p in m.student.named_parameters() if id(p) in ids]
+    if len(named) != len(ids):
+        raise RuntimeError("the student's trainable parameters are not all named in its module")
+    return _adamw(lr_param_groups(named, cfg.optim.student_lr, cfg.optim.student_lr_scale), cfg.optim.student_lr,
+                  cfg, device)
 
 
 def _adamw(params, lr: float, cfg: Config, device) -> torch.optim.AdamW:
