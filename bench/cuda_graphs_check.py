@@ -1,9 +1,9 @@
 """Does `sb2 train` give the same student with ``train.cuda_graphs``? Trains each scheme twice through
-the real loop (``sb2.train.loop.train``, torch.compile per block on), once without and once with CUDA
-graphs, from the same seed, and compares the saved students, the final losses and the loop's own
-throughput.
+the real loop (``sb2.train.loop.train``), from the same seed: eager (no compile: the reference, and no
+minutes of compilation) and torch.compile per block with CUDA graphs; compares the saved students, the
+final losses and the loop's own throughput. ``--with-compiled`` adds compile without graphs (a third run).
 
-    python bench/cuda_graphs_check.py                       # GPU: mini-world profile, 30 steps x 64
+    python bench/cuda_graphs_check.py                       # GPU: mini-world profile, 30 steps x 64 (~6 min)
     python bench/cuda_graphs_check.py --steps 2 --batch 2   # CPU smoke run (no compile or graphs)
 
 Writes $OUT/cuda_graphs_check.json (or ./). A check, not a timing benchmark: the throughput is the
@@ -26,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from sb2.config import load_config  # noqa: E402
 from sb2.train.loop import train  # noqa: E402
+
+
+RUNS = (("eager", False, False), ("compiled", True, False), ("graphs", True, True))  # name, compile, cuda_graphs
 
 
 def student_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -60,37 +63,40 @@ def main() -> None:
     ap.add_argument("--lr-full", type=float, default=1e-6)  # the mini-world bench's rates
     ap.add_argument("--lr-lora", type=float, default=3e-4)
     ap.add_argument("--work", default="/tmp/sb2-cuda-graphs-check")
+    ap.add_argument("--with-compiled", action="store_true", help="also compile without graphs (minutes more)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     record = {"card": card, "torch": torch.__version__, "args": vars(args), "runs": [], "comparisons": {}}
     for scheme in args.schemes:
         students = {}
-        for graphs in (False, True):
+        for name, compiled, graphs in RUNS if args.with_compiled else (RUNS[0], RUNS[2]):
             cfg = load_config(args.profile, [
                 f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                 f"train.log_every={max(1, args.steps // 3)}",
                 f"optim.student_lr={args.lr_full if scheme == 'full' else args.lr_lora}",
-                "train.seed=0", "train.compile=true", f"train.cuda_graphs={str(graphs).lower()}",
+                "train.seed=0", f"train.compile={str(compiled).lower()}", f"train.cuda_graphs={str(graphs).lower()}",
                 "tracking.enabled=false", "tracking.image_every=0",
                 f"checkpoint.every={max(1, args.steps // 2)}", "checkpoint.resume=false"])
-            run_dir = Path(args.work) / f"{scheme}_{'graphs' if graphs else 'compiled'}"
+            run_dir = Path(args.work) / f"{scheme}_{name}"
             t0 = time.perf_counter()
             path = train(cfg, scheme, run_dir, progress=False)
             seconds = time.perf_counter() - t0
             final = json.loads((run_dir / "train.json").read_text())["final"]
-            students[graphs] = student_tensors(path)
-            run = {"scheme": scheme, "cuda_graphs": graphs, "seconds": round(seconds, 1), "final": final}
+            students[name] = student_tensors(path)
+            run = {"scheme": scheme, "run": name, "compile": compiled, "cuda_graphs": graphs,
+                   "seconds": round(seconds, 1), "final": final}
             if torch.cuda.is_available():
                 run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             record["runs"].append(run)
-            print(f"{scheme:<4} cuda_graphs={graphs!s:<5} {seconds:6.1f} s  "
+            print(f"{scheme:<4} {name:<8} {seconds:6.1f} s  "
                   + "  ".join(f"{k}={v:.4g}" for k, v in final.items()), flush=True)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))  # each run as it ends
-        record["comparisons"][scheme] = compare(students[True], students[False])
-        print(f"{scheme:<4} student with graphs vs without: {record['comparisons'][scheme]}", flush=True)
+        record["comparisons"][scheme] = {f"{name} vs eager": compare(students[name], students["eager"])
+                                         for name in students if name != "eager"}
+        print(f"{scheme:<4} students against the eager one: {record['comparisons'][scheme]}", flush=True)
         (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))
     print(f"card: {card}, torch {torch.__version__}", flush=True)
 

@@ -445,7 +445,11 @@ def main() -> None:
             fastest = dict(gradient_checkpointing=False, channels_last=False, compile=True)
             levers += [("  + torch.compile, per block (no channels_last)", fastest, {}, False, True),
                        ("  + torch.compile + shared LoRA-teacher pass", fastest, shared, False, True),
-                       ("  + torch.compile + CUDA graphs per block", dict(fastest, cuda_graphs=True), {}, False, True)]
+                       ("  + torch.compile + CUDA graphs per block", dict(fastest, cuda_graphs=True), {}, False, True),
+                       ("  + torch.compile regions + CUDA graphs",
+                        dict(fastest, compile_mode="regions", cuda_graphs=True), {}, False, True),
+                       ("  + torch.compile regions + CUDA graphs + channels_last",
+                        dict(fastest, compile_mode="regions", cuda_graphs=True, channels_last=True), {}, False, True)]
         for blocks in args.checkpoint_blocks:  # selective checkpointing, to bring the shared pass's peak down
             levers.append((f"  + checkpoint {blocks} (shared pass{', compiled' if fastest.get('compile') else ''})",
                            dict(fastest, checkpoint_blocks=f"[{blocks}]"), shared, False, True))

@@ -66,6 +66,46 @@ def test_every_block_is_compiled_in_the_mode_of_the_switch(tiny_cfg, monkeypatch
     assert seen == [(unet, {"mode": "reduce-overhead"} if graphs else {})]
 
 
+def test_regions_compile_whole_transformers_resnets_and_samplers_none_nested(tiny_cfg, monkeypatch):
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.upsampling import Upsample2D
+
+    from sb2.train.steps import build_models, compile_unet, compiled_regions
+
+    real, seen = torch.compile, []
+
+    def spy(fn, *args, **kwargs):
+        seen.append((getattr(fn, "__self__", None), kwargs))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    unet = build_models(tiny_cfg, "full", "cpu").student
+    compile_unet(unet, "regions", cuda_graphs=True)
+    regions = [s for s, _ in seen]
+    kinds = {type(r) for r in regions}
+    assert kinds == {Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D}
+    want = [mod for mod in unet.modules() if isinstance(mod, tuple(kinds))]
+    assert regions == want == compiled_regions(unet, "regions")
+    inner = {id(sub) for r in regions for sub in list(r.modules())[1:]}
+    assert not any(id(r) in inner for r in regions)  # no region inside another: each module compiled once
+    assert all(kw == {"dynamic": False, "mode": "reduce-overhead"} for _, kw in seen)
+    with pytest.raises(ValueError, match="no regional compile mode"):
+        compiled_regions(unet, "everything")
+
+
+def test_a_region_nested_in_another_is_not_compiled_again():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from sb2.train.steps import compiled_regions
+
+    outer = torch.nn.Module()
+    outer.block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4, down=True)
+    assert outer.block.downsample is not None  # a Downsample2D inside the ResNet block
+    assert compiled_regions(outer, "regions") == [outer.block]
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_each_iteration_marks_a_new_step_before_the_student_runs(tiny_cfg, monkeypatch, graphs):
     from sb2.student import encode_prompts
@@ -93,7 +133,8 @@ def test_each_iteration_marks_a_new_step_before_the_student_runs(tiny_cfg, monke
 
 def test_the_gpu_check_script_runs(tmp_path):
     """bench/cuda_graphs_check.py on CPU, where compile and graphs are off (the switch only marks steps there): the
-    loop accepts the switch end to end and the script compares the two students and losses."""
+    loop accepts the switch end to end and the script compares the graphs run's student and losses with the eager
+    run's."""
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
                         "--schemes", "full", "--steps", "2", "--batch", "2", "--work", str(tmp_path / "work")],
@@ -101,6 +142,8 @@ def test_the_gpu_check_script_runs(tmp_path):
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
-    assert [(run["scheme"], run["cuda_graphs"]) for run in rec["runs"]] == [("full", False), ("full", True)]
-    assert rec["comparisons"]["full"]["identical"] and rec["comparisons"]["full"]["tensors"] > 10
+    assert [(run["scheme"], run["compile"], run["cuda_graphs"]) for run in rec["runs"]] == [("full", False, False),
+                                                                                          ("full", True, True)]
+    cmp = rec["comparisons"]["full"]["graphs vs eager"]
+    assert cmp["identical"] and cmp["tensors"] > 10
     assert rec["runs"][0]["final"]["loss/vsd"] == rec["runs"][1]["final"]["loss/vsd"]
