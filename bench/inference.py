@@ -8,6 +8,10 @@ against eager fp32 (relative error ‖out − ref‖/‖ref‖ on the image).
     python bench/inference.py [--batches 1 4 16] [--iters 50] [--no-compile]
     python bench/inference.py --batches 1 --tuned [--coordinate-descent] --only "sb2 fast + compile" "sb2 fast + tuned compile"
     python bench/inference.py --tiny      # CPU smoke test of the script (tiny models, eager paths only)
+    python bench/inference.py --batches 1 --stages [--tuned]   # where the compiled path's time goes, stage by stage
+
+``--stages`` times the fast path's three stages apart — text encoder, UNet (x̂0), decoder (full VAE and TAESD) —
+each compiled and captured in a CUDA graph of its own as the whole is (on CPU: eager, a smoke test), beside the whole.
 
 Prints a table and writes $OUT/inference.json when OUT is set. A benchmark, not a test.
 """
@@ -81,6 +85,8 @@ def main() -> None:
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="the tuned compile with coordinate-descent tuning (generate.coordinate_descent_tuning)")
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (and the diffusers baseline)")
+    ap.add_argument("--stages", action="store_true",
+                    help="time the compiled fast path's stages apart (text encoder, UNet, decoders) instead")
     args = ap.parse_args()
     if args.coordinate_descent and not args.tuned:
         ap.error("--coordinate-descent tunes the tuned compile: add --tuned")
@@ -123,6 +129,12 @@ def main() -> None:
     rows: list[dict] = []
     results = {"card": card, "torch": torch.__version__, "rows": rows}
     prompts_all = [f"a photo of a cat number {i}, highly detailed" for i in range(max(args.batches))]
+    if args.stages:
+        results["stages"] = time_stages(args, device, eager, eager_tiny, prompts_all)
+        print(f"card: {card}, torch {torch.__version__}")
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "inference_stages.json").write_text(json.dumps(results, indent=2))
+        return
     for b in args.batches:
         prompts = prompts_all[:b]
         z = eager.noise(list(range(b)))
@@ -188,6 +200,80 @@ def main() -> None:
     print(f"card: {card}, torch {torch.__version__}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "inference.json").write_text(json.dumps(results, indent=2))
+
+
+def graphed(fn, args: tuple, device, compile: bool):
+    """``fn`` compiled (static shapes) and captured in a CUDA graph on these inputs, as the fast path captures the
+    whole; a callable that replays it and returns its output buffer. On CPU: ``fn`` on the inputs, eager."""
+    if device.type != "cuda":
+        return lambda: fn(*args)
+    f = torch.compile(fn, dynamic=False) if compile else fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            f(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = f(*args)
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
+def time_stages(args, device, eager: OneStepGenerator, eager_tiny: OneStepGenerator, prompts_all) -> list[dict]:
+    """Median time of each stage of the compiled fast path alone (text encoder, UNet to x̂0, full VAE decoder, TAESD
+    decoder) and of the whole, per batch size: the stages' sum against the whole shows what crossing the stage
+    boundaries costs; the largest stage is where a lever pays."""
+    from sb2.student import student_x0
+
+    rows = []
+    compile = device.type == "cuda" and not args.no_compile
+    for b in args.batches:
+        if device.type == "cuda":
+            from sb2.generation.fast import GraphedOneStep
+
+            fast = GraphedOneStep(copy_gen(eager), compile=compile, tuned=args.tuned)  # channels_last, fusions
+            fast_t = GraphedOneStep(copy_gen(eager_tiny), compile=compile, tuned=args.tuned)
+            gen, tiny = fast.gen, fast_t.gen
+        else:
+            fast = fast_t = None
+            gen, tiny = eager, eager_tiny
+        ids = (fast.tokenize(prompts_all[:b]) if fast else gen.tokenizer(
+            prompts_all[:b], padding="max_length", max_length=gen.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt").input_ids).to(device)
+        z = gen.noise(list(range(b))).to(device, gen.dtype)
+        if device.type == "cuda":
+            z = z.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            emb = gen.text_encoder(ids)[0]
+            x0 = student_x0(gen.unet, z, emb, gen.alphas_cumprod.to(device), gen.timestep, gen.prediction_type)
+        ac = gen.alphas_cumprod.to(device)
+        stages = {
+            "text encoder": (lambda i: gen.text_encoder(i)[0], (ids,)),
+            "UNet (x0)": (lambda zz, e: student_x0(gen.unet, zz, e, ac, gen.timestep, gen.prediction_type), (z, emb)),
+            "VAE decoder": (lambda x: decode(gen.decoder, x.to(gen.decoder.dtype)), (x0,)),
+            "TAESD decoder": (lambda x: decode(tiny.decoder, x.to(tiny.decoder.dtype)), (x0,)),
+        }
+        iters = args.iters if b == 1 else max(10, args.iters // 2)
+        for name, (fn, inputs) in stages.items():
+            t0 = time.perf_counter()
+            run = graphed(fn, inputs, device, compile)
+            first = time.perf_counter() - t0
+            st = timed(run, device, iters)
+            rows.append({"batch": b, "stage": name, **st, "first_call_s": first})
+            print(f"batch {b:>2}  {name:<16} {st['median_ms']:8.3f} ms  (first call {first:.1f}s)", flush=True)
+        for name, whole in (("whole, VAE", fast), ("whole, TAESD", fast_t)):
+            if whole is None:
+                continue
+            st = timed(lambda w=whole: w.run(w.tokenize(prompts_all[:b]), z), device, iters)
+            rows.append({"batch": b, "stage": name, **st})
+            print(f"batch {b:>2}  {name:<16} {st['median_ms']:8.3f} ms", flush=True)
+    return rows
 
 
 def copy_gen(gen: OneStepGenerator) -> OneStepGenerator:

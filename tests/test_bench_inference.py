@@ -1,0 +1,21 @@
+"""bench/inference.py's stage timing (``--stages``) on CPU: the script's code path, not its figures (those need the
+GPU, where each stage is compiled and captured in a CUDA graph of its own)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_stages_times_each_stage_per_batch(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "inference.py"), "--tiny", "--stages", "--batches", "1",
+                        "2", "--iters", "2"], cwd=root, env={**os.environ, "OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / "inference_stages.json").read_text())
+    got = [(row["batch"], row["stage"]) for row in rec["stages"]]
+    stages = ["text encoder", "UNet (x0)", "VAE decoder", "TAESD decoder"]
+    assert got == [(b, s) for b in (1, 2) for s in stages]  # on CPU no "whole" rows: the fast path needs CUDA
+    assert all(row["median_ms"] > 0 for row in rec["stages"])
