@@ -186,14 +186,16 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "A|train.seed=1",
-                        "T|1.5", "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
+    # an override may carry a YAML mapping: its braces are not the bench's {teacher}/{reg} placeholders
+    r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants",
+                        "A|train.seed=1|optim.student_lr_scale={attn2: 2}", "T|1.5", "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
                         "--name", f"tune_test_{os.getpid()}"],
                        cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
                        timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     variant, teacher = json.loads((tmp_path / f"tune_test_{os.getpid()}.json").read_text())
-    assert variant["variant"] == "A|train.seed=1" and variant["train"]["overrides"] == ["train.seed=1"]
+    assert variant["variant"] == "A|train.seed=1|optim.student_lr_scale={attn2: 2}"
+    assert variant["train"]["overrides"] == ["train.seed=1", "optim.student_lr_scale={attn2: 2}"]
     assert "trained A@1" not in r.stdout and r.stdout.count("trained A ") == 1
     # a teacher variant scores the teacher at its guidance and trains nothing
     assert teacher["variant"] == "T|1.5" and teacher["train"] is None and teacher["fid"] > 0
@@ -280,3 +282,14 @@ def test_a_training_seed_whose_student_failed_is_left_out_of_its_rows(tmp_path):
     assert merged["fid"]["runs"] == [merged["per_train_seed"]["0"]["fid"]["mean"]]
     md = results_markdown(b.record())
     assert "| merged A+B, λ = 0.5 ‡ (training seeds [0] only; 1 failed to train) |" in md
+
+
+def test_placeholders_are_filled_and_other_braces_kept():
+    from pathlib import Path
+
+    from sb2.miniworld.bench import fill_placeholders
+
+    paths = {"teacher": Path("/w/teacher"), "reg": Path("/w/reg")}
+    assert fill_placeholders("models.student={teacher}/unet", **paths) == "models.student=/w/teacher/unet"
+    assert fill_placeholders("regularization.source={reg}", **paths) == "regularization.source=/w/reg"
+    assert fill_placeholders("optim.student_lr_scale={attn2: 10}", **paths) == "optim.student_lr_scale={attn2: 10}"

@@ -190,6 +190,14 @@ def write_regularization_folder(out: Path, n: int, seed: int = 0) -> Path:
     return out
 
 
+def fill_placeholders(override: str, **values) -> str:
+    """``{teacher}`` and ``{reg}`` of a row's override replaced by their paths; every other brace kept, so that an
+    override may carry a YAML mapping (``optim.student_lr_scale={attn2: 10}``)."""
+    for key, value in values.items():
+        override = override.replace("{" + key + "}", str(value))
+    return override
+
+
 def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides: list[str],
                   spec: tuple[str, list[str]] | None = None) -> tuple[Path, dict]:
     """Train student ``name`` (the library's train() on the ``miniworld`` profile + the plan's sizes + the row's own
@@ -203,7 +211,7 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
     reg = work / f"regularization_{plan.reg_pairs}"
     if _needs_regularization(extra) and not reg.is_dir():
         write_regularization_folder(reg, plan.reg_pairs)
-    extra = [o.format(teacher=root / "teacher", reg=reg) for o in extra]
+    extra = [fill_placeholders(o, teacher=root / "teacher", reg=reg) for o in extra]
     overrides = base_overrides + [
         f"train.steps={plan.train_steps}", f"train.batch_size={plan.batch_size}", "tracking.enabled=false",
         "tracking.image_every=0", f"checkpoint.every={plan.train_steps}", "checkpoint.resume=false"]
