@@ -202,15 +202,18 @@ def main() -> None:
         Path(os.environ["OUT"], "inference.json").write_text(json.dumps(results, indent=2))
 
 
-def graphed(fn, args: tuple, device, compile: bool):
-    """``fn`` compiled (static shapes) and captured in a CUDA graph on these inputs, as the fast path captures the
-    whole; a callable that replays it and returns its output buffer. On CPU: ``fn`` on the inputs, eager."""
+def graphed(fn, args: tuple, device, compile: bool, inductor: dict | None = None):
+    """``fn`` compiled (static shapes; under the ``inductor`` settings, as the tuned fast path compiles) and captured
+    in a CUDA graph on these inputs, as the fast path captures the whole; a callable that replays it and returns its
+    output buffer. On CPU: ``fn`` on the inputs, eager."""
     if device.type != "cuda":
         return lambda: fn(*args)
+    import torch._inductor.config
+
     f = torch.compile(fn, dynamic=False) if compile else fn
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
+    with torch.cuda.stream(stream), torch.no_grad(), torch._inductor.config.patch(inductor or {}):
         for _ in range(2):
             f(*args)
     torch.cuda.current_stream().wait_stream(stream)
@@ -262,7 +265,7 @@ def time_stages(args, device, eager: OneStepGenerator, eager_tiny: OneStepGenera
         iters = args.iters if b == 1 else max(10, args.iters // 2)
         for name, (fn, inputs) in stages.items():
             t0 = time.perf_counter()
-            run = graphed(fn, inputs, device, compile)
+            run = graphed(fn, inputs, device, compile, fast.inductor if fast is not None and fast.tuned else None)
             first = time.perf_counter() - t0
             st = timed(run, device, iters)
             rows.append({"batch": b, "stage": name, **st, "first_call_s": first})
