@@ -38,6 +38,30 @@ def train(
     typer.echo(f"student saved to {path}")
 
 
+@app.command("student-from-checkpoint")
+@_user_errors
+def student_from_checkpoint(
+    run: Annotated[Path, typer.Argument(help="A training run's output folder (the --out of sb2 train).")],
+    out: Out,
+    step: Annotated[Optional[int], typer.Option(help="The checkpoint's step (default: the newest).")] = None,
+    ema: Annotated[bool, typer.Option(help="Save the EMA weights where the checkpoint has them, as the run's end "
+                                           "does.")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override the run's own settings, e.g. "
+                                                                         "--set models.student=PATH.")] = None,
+):
+    """Save the student of one of a run's checkpoints, as the run saves its final student (UNet or LoRA folder)."""
+    from sb2.train.student_export import student_from_checkpoint as run_export
+
+    import json
+
+    from sb2.train.student_export import PROVENANCE
+
+    path = run_export(run, out, step=step, overrides=set_, ema=ema)
+    info = json.loads((path / PROVENANCE).read_text())
+    typer.echo(f"student of {run} at step {info['step']} ({info['scheme']}{', EMA' if info['ema'] else ''}) "
+               f"saved to {path}")
+
+
 @app.command()
 @_user_errors
 def regpairs(

@@ -1,0 +1,87 @@
+"""The student of any training checkpoint, saved as the run saves its final student (a diffusers UNet folder for the
+full scheme, a LoRA adapter folder for the lora scheme): to keep an earlier, better point of a run that drifted, or
+to score a run along its training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sb2.config import Config, load_config
+from sb2.train import checkpoint as ckpt
+
+PROVENANCE = "sb2_checkpoint.json"  # beside the student: which run, checkpoint and step it is
+# What building the student needs from the run's own config (the checkpoint keeps it flattened).
+_STUDENT_KEYS = ("models.", "student_lora.")
+
+
+def checkpoint_config(shared: dict, overrides: list[str] | None = None) -> Config:
+    """The run's config as far as the student's architecture goes (its profile, ``models.*``, ``student_lora.*``),
+    then ``overrides`` (e.g. a model path that moved since)."""
+    flat = json.loads(shared["config"])
+    sets = [f"{k}={json.dumps(v)}" for k, v in flat.items() if k.startswith(_STUDENT_KEYS) and v != "***"]
+    return load_config(flat.get("profile"), sets + list(overrides or []))
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The folder of the checkpoint at ``step`` of a run (default: the newest), verified against its manifest."""
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"no checkpoints under {Path(run_dir) / ckpt.CKPT_DIR}")
+    by_step = dict(found)
+    if step is None:
+        step = found[-1][0]
+    if step not in by_step:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {run_dir}; there are: {sorted(by_step)}")
+    try:
+        ckpt.verify(by_step[step])
+    except ckpt.CorruptCheckpoint as e:
+        raise ValueError(f"checkpoint {by_step[step]} is unusable: {e}") from None
+    return by_step[step]
+
+
+def student_from_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
+                            overrides: list[str] | None = None, ema: bool = True) -> Path:
+    """Save the student of ``run_dir``'s checkpoint at ``step`` (default: the newest) to ``out``, in the format of
+    the run's final student. With ``ema`` (the default) and an EMA in the checkpoint, the EMA weights are saved, as
+    the run saves them at its end."""
+    from sb2.atomic import atomic_dir
+    from sb2.models.loading import load_unet
+    from sb2.models.lora import add_lora, save_lora
+    from sb2.train.loop import _load_student_state
+
+    path = find_checkpoint(run_dir, step)
+    shared = ckpt.load_checkpoint(path, 0).shared
+    scheme = shared["scheme"]
+    cfg = checkpoint_config(shared, overrides)
+    student = load_unet(cfg.models.student, cfg.models, dtype=torch.float32, device="cpu")
+    if scheme == "full":
+        params = list(student.parameters())
+    elif scheme == "lora":
+        sl = cfg.student_lora
+        params = add_lora(student, sl.rank, sl.alpha, sl.target_modules, sl.dropout)
+    else:
+        raise ValueError(f"{path}: unknown scheme {scheme!r}")
+    try:
+        _load_student_state(student, scheme, shared["student"])
+    except RuntimeError as e:  # shapes or keys of another architecture
+        raise ValueError(f"{path}: the checkpoint's student does not fit {cfg.models.student} "
+                         f"({str(e).splitlines()[0]}); pass the run's model with --set models.student=...") from None
+    if ema and shared.get("ema") is not None:
+        from diffusers.training_utils import EMAModel
+
+        averaged = EMAModel(params)
+        averaged.load_state_dict(shared["ema"])
+        averaged.copy_to(params)
+    used_ema = bool(ema and shared.get("ema") is not None)
+    with atomic_dir(out) as tmp:
+        if scheme == "full":
+            student.save_pretrained(tmp)
+        else:
+            save_lora(student, tmp, cfg.models.student)
+        (Path(tmp) / PROVENANCE).write_text(json.dumps(
+            {"run": str(run_dir), "checkpoint": path.name, "step": int(shared["step"]), "scheme": scheme,
+             "ema": used_ema}, indent=2))
+    return Path(out)

@@ -1,0 +1,96 @@
+"""`sb2 student-from-checkpoint`: the student of any checkpoint of a run, saved as the run saves its final student."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WEIGHTS = {"full": "diffusion_pytorch_model.safetensors", "lora": "adapter_model.safetensors"}
+
+
+def _train(out: Path, scheme: str, steps: int, *sets: str) -> Path:
+    from sb2.config import load_config
+    from sb2.train.loop import train
+
+    cfg = load_config("tiny", [f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep_last=10",
+                               "tracking.enabled=false", "tracking.image_every=0", *sets])
+    return train(cfg, scheme, out)
+
+
+def _tensors(folder: Path, scheme: str) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / WEIGHTS[scheme]))
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and len(a) > 4
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("scheme", ["full", "lora"])
+def test_a_checkpoints_student_is_the_student_of_a_run_that_stopped_there(tmp_path, scheme):
+    from sb2.train.student_export import PROVENANCE, student_from_checkpoint
+
+    final = _train(tmp_path / "run", scheme, 2)
+    short = _train(tmp_path / "short", scheme, 1)  # the same seed: its one step is the longer run's first
+    last = student_from_checkpoint(tmp_path / "run", tmp_path / "at2")  # the newest: step 2
+    _assert_equal(_tensors(last, scheme), _tensors(final, scheme))
+    first = student_from_checkpoint(tmp_path / "run", tmp_path / "at1", step=1)
+    _assert_equal(_tensors(first, scheme), _tensors(short, scheme))
+    assert not all(torch.equal(v, _tensors(last, scheme)[k]) for k, v in _tensors(first, scheme).items())
+    info = json.loads((first / PROVENANCE).read_text())
+    assert (info["step"], info["scheme"], info["ema"]) == (1, scheme, False)
+    if scheme == "full":
+        assert json.loads((first / "config.json").read_text()) == json.loads((final / "config.json").read_text())
+    else:
+        assert (first / "sb2_lora.json").read_text() == (final / "sb2_lora.json").read_text()
+    # and it generates as the final student does
+    from sb2.config import load_config
+    from sb2.generation.generator import OneStepGenerator
+
+    cfg = load_config("tiny")
+    a = OneStepGenerator.load(last, cfg, device="cpu")(["a red cube"], seeds=[0])
+    b = OneStepGenerator.load(final, cfg, device="cpu")(["a red cube"], seeds=[0])
+    assert torch.equal(a, b)
+
+
+def test_with_an_ema_the_ema_weights_are_saved_unless_asked_otherwise(tmp_path):
+    from sb2.train.student_export import PROVENANCE, student_from_checkpoint
+
+    final = _train(tmp_path / "run", "lora", 2, "ema.enabled=true", "ema.decay=0.5")
+    ema = student_from_checkpoint(tmp_path / "run", tmp_path / "ema")
+    _assert_equal(_tensors(ema, "lora"), _tensors(final, "lora"))  # the run's end saves the EMA weights too
+    raw = student_from_checkpoint(tmp_path / "run", tmp_path / "raw", ema=False)
+    assert json.loads((raw / PROVENANCE).read_text())["ema"] is False
+    assert json.loads((ema / PROVENANCE).read_text())["ema"] is True
+    assert any(not torch.equal(v, _tensors(ema, "lora")[k]) for k, v in _tensors(raw, "lora").items())
+
+
+def test_the_command_names_a_missing_step_and_refuses_a_corrupt_checkpoint(tmp_path):
+    _train(tmp_path / "run", "lora", 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "sb2.cli", "student-from-checkpoint", *args], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    r = cli(str(tmp_path / "run"), "--out", str(tmp_path / "s7"), "--step", "7")
+    assert r.returncode == 2 and "no checkpoint at step 7" in r.stderr and "[1, 2]" in r.stderr
+    from sb2.train import checkpoint as ckpt
+
+    state = tmp_path / "run" / ckpt.CKPT_DIR / ckpt.checkpoint_name(1) / "state.pt"
+    assert state.is_file()
+    state.write_bytes(state.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    r = cli(str(tmp_path / "run"), "--out", str(tmp_path / "s1"), "--step", "1")
+    assert r.returncode == 2 and "unusable" in r.stderr and "checksum" in r.stderr, r.stderr
+    assert not (tmp_path / "s1").exists()
+    r = cli(str(tmp_path / "run"), "--out", str(tmp_path / "s2"))
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr
+    assert (tmp_path / "s2" / "adapter_model.safetensors").is_file()
+    r = cli(str(tmp_path / "nothing"), "--out", str(tmp_path / "s0"))
+    assert r.returncode == 2 and "no checkpoints under" in r.stderr
