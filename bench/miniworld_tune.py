@@ -179,7 +179,10 @@ def _run_variants(args, out: Path, mps: str, running: list) -> None:
         rec = json.loads(f.read_text())[0] if f.exists() else {"variant": spec}
         results.append({**rec, "status": status.get(i)})
         print("RESULT", json.dumps(results[-1]), flush=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"mps": mps, "parallel": args.parallel,
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (out / f"{args.name}.json").write_text(json.dumps({"device": device, "mps": mps, "parallel": args.parallel,
                                                        "seconds": round(time.perf_counter() - t0, 1),
                                                        "variants": results}, indent=1))
 

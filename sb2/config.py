@@ -302,7 +302,7 @@ class TrainConfig(_Strict):
     # "blocks": each transformer and ResNet block compiled on its own (regional compilation: identical blocks share one
     # compiled graph, so compiling takes a minute or two); "full": the whole UNet as one graph (compiles for > 4 min).
     # "regions": each whole Transformer2DModel (its GroupNorm and projections too), the ResNet blocks and the samplers;
-    # not measured (on an H100 its compilation with channels_last and CUDA graphs took over eight minutes).
+    # not measured (on an H100 its compilation with channels_last and CUDA graphs had not finished after ~540 s).
     compile_mode: Literal["blocks", "regions", "full"] = "blocks"
     # With compile: each compiled region replayed as a CUDA graph (torch.compile's "reduce-overhead" mode, CUDA graph
     # trees; every training iteration marks a new step). The compiled step kept one H100 busy only 64% of the time

@@ -147,3 +147,16 @@ def test_the_gpu_check_script_runs(tmp_path):
     cmp = rec["comparisons"]["full"]["graphs vs eager"]
     assert cmp["identical"] and cmp["tensors"] > 10
     assert rec["runs"][0]["final"]["loss/vsd"] == rec["runs"][1]["final"]["loss/vsd"]
+
+
+def test_the_gpu_check_script_compares_graphs_with_compiled_when_asked(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
+                        "--schemes", "lora", "--steps", "1", "--batch", "2", "--with-compiled",
+                        "--work", str(tmp_path / "work")],
+                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+    assert [run["run"] for run in rec["runs"]] == ["eager", "compiled", "graphs"]
+    assert set(rec["comparisons"]["lora"]) == {"graphs vs eager", "compiled vs eager", "graphs vs compiled"}

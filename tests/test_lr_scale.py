@@ -20,7 +20,7 @@ def test_groups_take_the_first_matching_key_and_keep_the_base_group_first():
     groups = lr_param_groups(list(p.items()), 1e-6, {"conv": 0.5, "attn2": 10.0})
     assert [[ids[id(q)] for q in g["params"]] for g in groups] == [["a.attn1.w"], ["b.attn2.conv.w", "c.conv.w"],
                                                                    ["a.attn2.w"]]
-    with pytest.raises(ValueError, match=r"no trainable student parameter's name contains \['attn3'\]"):
+    with pytest.raises(ValueError, match=r"\['attn3'\]: no parameter's name contains it"):
         lr_param_groups(list(p.items()), 1e-6, {"attn2": 10.0, "attn3": 2.0})
     # every parameter scaled: the (empty) base group stays first, so the logged rate is still student_lr
     assert [g["lr"] for g in lr_param_groups(list(p.items()), 1e-6, {".": 3.0})] == pytest.approx([1e-6, 3e-6])
@@ -77,3 +77,40 @@ def test_without_scales_the_student_has_one_group(tiny_cfg):
     opt = student_optimizer(m, tiny_cfg, "cpu")
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == tiny_cfg.optim.student_lr
     assert len(opt.param_groups[0]["params"]) == len(m.student_params)
+
+
+def _train(out, steps, *sets):
+    from sb2.config import load_config
+    from sb2.train.loop import train
+
+    cfg = load_config("tiny", [f"train.steps={steps}", "checkpoint.every=1", "tracking.enabled=false",
+                               "tracking.image_every=0", *sets])
+    train(cfg, "full", out)
+    import json
+
+    return json.loads((out / "train.json").read_text())["final"]
+
+
+def test_sb2_train_uses_the_scaled_rates_and_a_resume_takes_this_runs_factors(tmp_path):
+    lr = 1e-4
+    final = _train(tmp_path / "run", 1, f"optim.student_lr={lr}", "optim.student_lr_scale={attn2: 10}")
+    assert final["lr/student"] == pytest.approx(lr) and final["lr/student/attn2"] == pytest.approx(10 * lr)
+    # resumed with another factor (and another base rate): this run's rates, not the checkpoint's
+    final = _train(tmp_path / "run", 2, f"optim.student_lr={2 * lr}", "optim.student_lr_scale={attn2: 30}")
+    assert final["lr/student"] == pytest.approx(2 * lr) and final["lr/student/attn2"] == pytest.approx(60 * lr)
+    # other keys would put Adam's moments on other parameters: refused, naming the setting
+    with pytest.raises(ValueError, match=r"optim.student_lr_scale has the keys \['attn1'\] here and \['attn2'\]"):
+        _train(tmp_path / "run", 3, "optim.student_lr_scale={attn1: 10}")
+    with pytest.raises(ValueError, match=r"keys \[\] here and \['attn2'\]"):
+        _train(tmp_path / "run", 3)
+
+
+def test_a_key_shadowed_by_an_earlier_one_is_named_as_such():
+    from sb2.train.steps import lr_param_groups
+
+    p = [(n, torch.nn.Parameter(torch.zeros(1))) for n in ("a.attn1.w", "a.attn2.w")]
+    with pytest.raises(ValueError, match=r"\['attn2'\]: every parameter whose name contains it is taken by an "
+                                         r"earlier key"):
+        lr_param_groups(p, 1e-6, {"attn": 2.0, "attn2": 10.0})
+    with pytest.raises(ValueError, match=r"\['conv'\]: no parameter's name contains it"):
+        lr_param_groups(p, 1e-6, {"attn": 2.0, "conv": 10.0})

@@ -293,3 +293,40 @@ def test_placeholders_are_filled_and_other_braces_kept():
     assert fill_placeholders("models.student={teacher}/unet", **paths) == "models.student=/w/teacher/unet"
     assert fill_placeholders("regularization.source={reg}", **paths) == "regularization.source=/w/reg"
     assert fill_placeholders("optim.student_lr_scale={attn2: 10}", **paths) == "optim.student_lr_scale={attn2: 10}"
+    with pytest.raises(ValueError, match=r"unknown placeholder\(s\) \['\{teacer\}'\]"):
+        fill_placeholders("models.student={teacer}/unet", **paths)
+
+
+def test_checkpoint_selection_keeps_the_candidate_with_the_best_validation_fid(tmp_path):
+    """With select_steps, every student is saved at those steps too; each candidate is scored on the validation
+    captions and the lowest FID is the student its rows use (here the A row: its generator's weights are the picked
+    checkpoint's student)."""
+    from sb2.miniworld.bench import Bench, Plan, candidate_steps
+    from sb2.miniworld.judges import world_root
+    from pathlib import Path
+
+    from sb2.miniworld.report import results_markdown
+
+    plan = Plan.quick()
+    plan.train_steps, plan.select_steps, plan.train_seeds = 2, (1,), (0,)
+    plan.rows, plan.sweep = ["A: full, VSD"], False
+    assert candidate_steps(plan) == [1, 2]
+    b = Bench(tmp_path / "out", tmp_path / "work", plan, "cpu", world_root().resolve())
+    path = b.student("A")
+    sel = b.train_info["A"]["selection"]
+    assert set(sel["validation_fid"]) == {"1", "2"}
+    best = min(sel["validation_fid"], key=sel["validation_fid"].get)
+    assert sel["step"] == int(best) and path == Path(b.train_info["A"]["candidates"][best])
+    from sb2.generation.generator import OneStepGenerator
+
+    for step, cand in b.train_info["A"]["candidates"].items():  # each candidate scores as selection recorded
+        got = b.score(OneStepGenerator.load(cand, b.cfg, device="cpu"), (0,), "validation")["fid"]["mean"]
+        assert got == sel["validation_fid"][step]
+    assert sel["validation_fid"]["1"] != sel["validation_fid"]["2"]  # two different students
+    b.run_row("A: full, VSD")
+    rec = b.record()
+    assert rec["select_steps"] == [1] and rec["students"]["A"]["selection"]["step"] == sel["step"]
+    assert f"Steps picked: A {sel['step']}." in results_markdown(rec)
+    plan.select_steps = (3,)
+    with pytest.raises(ValueError, match=r"select_steps \[3\]"):
+        candidate_steps(plan)

@@ -19,6 +19,8 @@ a time limit still leaves one (``--budget-s`` skips what would start past it).
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import statistics
 import time
@@ -119,6 +121,10 @@ class Plan:
     sweep_split: Literal["validation", "eval"] = "validation"
     # training seeds of the students of SEEDED (A, B) and of their rows (the sweep and samples use seed 0's)
     train_seeds: tuple[int, ...] = (0, 1, 2)
+    # Checkpoint selection on the validation captions: every student is also saved at these steps, each candidate
+    # (and the last step) is scored there (FID, the first noise seed) and the best is the student its rows use —
+    # early stopping on held-out captions, not on the evaluation captions that score the rows. Empty: the last step.
+    select_steps: tuple[int, ...] = ()
     reg_pairs: int = 4000  # real training-split pairs rendered for the regularization (share 5% of the steps)
     grid_captions: int = 8
     rows: list[str] = field(default_factory=lambda: [label for _, label, _ in ROWS])
@@ -195,6 +201,10 @@ def fill_placeholders(override: str, **values) -> str:
     override may carry a YAML mapping (``optim.student_lr_scale={attn2: 10}``)."""
     for key, value in values.items():
         override = override.replace("{" + key + "}", str(value))
+    left = re.findall(r"\{[A-Za-z_]\w*\}", override)
+    if left:  # a misspelt placeholder would otherwise reach the config as text
+        raise ValueError(f"override {override!r}: unknown placeholder(s) {left}; known: "
+                         + ", ".join("{" + k + "}" for k in values))
     return override
 
 
@@ -212,9 +222,12 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
     if _needs_regularization(extra) and not reg.is_dir():
         write_regularization_folder(reg, plan.reg_pairs)
     extra = [fill_placeholders(o, teacher=root / "teacher", reg=reg) for o in extra]
+    candidates = candidate_steps(plan)
+    every = math.gcd(*candidates)
     overrides = base_overrides + [
         f"train.steps={plan.train_steps}", f"train.batch_size={plan.batch_size}", "tracking.enabled=false",
-        "tracking.image_every=0", f"checkpoint.every={plan.train_steps}", "checkpoint.resume=false"]
+        "tracking.image_every=0", f"checkpoint.every={every}", f"checkpoint.keep_last={plan.train_steps // every}",
+        "checkpoint.resume=false"]
     lr = plan.full_lr if scheme == "full" else plan.lora_lr
     if lr is not None:
         overrides.append(f"optim.student_lr={lr}")
@@ -226,11 +239,25 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
     path = train(cfg, scheme, run_dir, progress=False)
     seconds = time.perf_counter() - t
     final = json.loads((run_dir / "train.json").read_text()).get("final", {})
+    selection = {}
+    if len(candidates) > 1:  # the earlier candidates' students, saved as the final one is (the last is the run's)
+        from sb2.train.student_export import student_from_checkpoint
+
+        selection = {"candidates": {str(k): str(student_from_checkpoint(run_dir, run_dir / f"student_at_{k}", step=k))
+                                    for k in candidates[:-1]} | {str(plan.train_steps): str(path)}}
     return path, {"scheme": scheme, "overrides": extra, "steps": plan.train_steps, "student_lr": cfg.optim.student_lr,
                   "vsd_guidance": cfg.vsd.guidance_scale,
                   "clip_tau": cfg.clip_loss.tau if scheme == "lora" and cfg.clip_loss.enabled else None,
                   "batch_size": plan.batch_size, "seconds": round(seconds, 1),
-                  "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}}
+                  "final": {k: v for k, v in final.items() if k.startswith(("loss/", "throughput"))}, **selection}
+
+
+def candidate_steps(plan: Plan) -> list[int]:
+    """The steps whose students checkpoint selection compares (``Plan.select_steps`` and the last), in order."""
+    bad = [k for k in plan.select_steps if not 0 < k <= plan.train_steps]
+    if bad:
+        raise ValueError(f"select_steps {bad}: each must lie in 1 … train_steps ({plan.train_steps})")
+    return sorted({*plan.select_steps, plan.train_steps})
 
 
 def _needs_regularization(overrides: list[str]) -> bool:
@@ -321,11 +348,28 @@ class Bench:
         except Exception as e:
             self.failed_students[name] = f"{type(e).__name__}: {e}"
             raise
-        self.students[name], self.train_info[name] = Path(path), info
         where = "in a worker process " if info.get("worker") else ""
         print(f"[{self.elapsed():6.0f} s] trained {name} ({info['scheme']}, {info['steps']} steps × "
               f"{info['batch_size']}) {where}in {info['seconds']:.1f} s", flush=True)
+        if "candidates" in info:
+            path = self.select(name, info)
+        self.students[name], self.train_info[name] = Path(path), info
         return self.students[name]
+
+    def select(self, name: str, info: dict) -> Path:
+        """Checkpoint selection: each candidate step's student scored on the validation captions (FID, the first
+        noise seed); the lowest is kept, and what was compared is recorded in ``info["selection"]``."""
+        from sb2.generation.generator import OneStepGenerator
+
+        fids = {}
+        for step, path in info["candidates"].items():
+            gen = OneStepGenerator.load(path, self.cfg, device=self.device)
+            fids[step] = self.score(gen, self.plan.seeds[:1], "validation")["fid"]["mean"]
+        best = min(fids, key=lambda k: (fids[k], -int(k)))  # a tie keeps the later step
+        info["selection"] = {"validation_fid": fids, "step": int(best)}
+        print(f"[{self.elapsed():6.0f} s] {name}: step {best} picked on the validation captions (FID "
+              + ", ".join(f"{k}: {v:.4g}" for k, v in fids.items()) + ")", flush=True)
+        return Path(info["candidates"][best])
 
     def start_workers(self, names: list[str]) -> None:
         """Train ``names`` in ``Plan.workers`` processes (spawned: each has its own CUDA context) while this process
@@ -509,6 +553,7 @@ class Bench:
                 "clip_tau": next((t["clip_tau"] for t in self.train_info.values() if t.get("clip_tau") is not None),
                                  None),
                 "sweep_seeds": list(p.seeds[:p.sweep_seeds]), "sweep_split": p.sweep_split,
+                "select_steps": list(p.select_steps),
                 "train_seeds": list(p.train_seeds),
                 "world": str(self.root),
                 "rows": self.rows, "tables": [[t, lab] for t, lab, _ in ROWS if lab in self.rows],

@@ -127,6 +127,11 @@ def bench(
     train_seeds: Annotated[int | None, typer.Option(min=1, help="Training seeds of A, B and their merges (default "
                                                                 "3; every other student trains once).")] = None,
     budget_s: Annotated[float | None, typer.Option(help="Start no row past this many seconds.")] = None,
+    select_step: Annotated[list[int] | None, typer.Option(help="Checkpoint selection: also save each student at "
+                                                               "this step (repeat the option for several); the "
+                                                               "candidate with the best FID on the validation "
+                                                               "captions, the last step included, is the "
+                                                               "student.")] = None,
     lr_full: Annotated[float | None, typer.Option(help="optim.student_lr of the full-scheme students "
                                                        "(default 1e-6, the paper's; 1e-5 collapsed).")] = None,
     lr_lora: Annotated[float | None, typer.Option(help="optim.student_lr of the LoRA students "
@@ -151,6 +156,14 @@ def bench(
                         ("lora_lr", lr_lora), ("workers", workers)):
         if value is not None:
             setattr(plan, name, value)
+    if select_step:
+        plan.select_steps = tuple(select_step)
+        from sb2.miniworld.bench import candidate_steps
+
+        try:
+            candidate_steps(plan)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     if seeds is not None:
         plan.seeds = tuple(range(seeds))
     if train_seeds is not None:

@@ -231,6 +231,21 @@ def _student_state(m: Models, scheme: Scheme, unwrapped) -> dict[str, torch.Tens
     return lora_state_dict(unwrapped)
 
 
+def _load_student_optimizer(opt: torch.optim.Optimizer, shared: dict, cfg: Config) -> None:
+    """The student optimizer's state from a checkpoint, at the rates of this run's config (a changed
+    ``optim.student_lr`` or factor takes effect; torch would restore the saved rates). Its groups must be the saved
+    ones: a changed set of ``optim.student_lr_scale`` keys would put Adam's moments on other parameters."""
+    saved = list(shared.get("student_lr_scale", {}))
+    if saved != list(cfg.optim.student_lr_scale):
+        raise ValueError(f"optim.student_lr_scale has the keys {list(cfg.optim.student_lr_scale)} here and "
+                         f"{saved} in the checkpoint: a resumed run keeps its parameter groups (the factors may "
+                         "change); restore the keys, or start a new run (checkpoint.resume=false)")
+    rates = [g["lr"] for g in opt.param_groups]
+    opt.load_state_dict(shared["opt_student"])
+    for g, lr in zip(opt.param_groups, rates, strict=True):
+        g["lr"] = lr
+
+
 def _load_student_state(unwrapped, scheme: Scheme, state: dict[str, torch.Tensor]) -> None:
     if scheme == "full":
         unwrapped.load_state_dict(state)
@@ -298,8 +313,11 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
         from peft.utils import set_peft_model_state_dict
 
         set_peft_model_state_dict(teacher_plain, sh["lora_teacher"])
-        opt_s.load_state_dict(sh["opt_student"])
+        _load_student_optimizer(opt_s, sh, cfg)
+        rates = [g["lr"] for g in opt_l.param_groups]  # this run's lora_teacher.lr, as for the student
         opt_l.load_state_dict(sh["opt_lora_teacher"])
+        for g, lr in zip(opt_l.param_groups, rates, strict=True):
+            g["lr"] = lr
         if ema is not None and sh.get("ema") is not None:
             ema.load_state_dict(sh["ema"])
         start, skipped_total = int(sh["step"]), int(sh.get("nonfinite_skips", 0))
@@ -331,6 +349,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 "step": step, "scheme": scheme, "nonfinite_skips": skipped_total,
                 "student": _student_state(m, scheme, unwrapped), "lora_teacher": lora_state_dict(teacher_plain),
                 "opt_student": opt_s.state_dict(), "opt_lora_teacher": opt_l.state_dict(),
+                "student_lr_scale": dict(cfg.optim.student_lr_scale),
                 "ema": ema.state_dict() if ema is not None else None,
                 "config": json.dumps(safe_config(cfg)),
             }
@@ -424,6 +443,7 @@ def train(cfg: Config, scheme: Scheme, out_dir: str | Path, logger: Logger | Non
                 logs.update({"loss/lora_teacher": loss_l.detach(), "grad_norm/student": gn_s,
                              "grad_norm/lora_teacher": gn_l, "lr/student": opt_s.param_groups[0]["lr"],
                              "lr/lora_teacher": opt_l.param_groups[0]["lr"], "train/nonfinite_skips": skipped_total})
+                logs.update({f"lr/student/{g['name']}": g["lr"] for g in opt_s.param_groups[1:]})
                 log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
                 if log_step and (logger is not None or not bar.disable):
                     logs = _on_host(logs)

@@ -236,9 +236,15 @@ def lr_param_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float,
         groups.setdefault(key, []).append(p)
     unused = [k for k in scale if k not in groups]
     if unused:
-        raise ValueError(f"optim.student_lr_scale: no trainable student parameter's name contains {unused} "
-                         f"(e.g. {[n for n, _ in named[:3]]})")
-    return [{"params": groups[k], "lr": lr * (scale[k] if k is not None else 1.0)} for k in [None, *scale]]
+        shadowed = [k for k in unused if any(k in n for n, _ in named)]
+        raise ValueError(
+            f"optim.student_lr_scale: no trainable student parameter is left for {unused}"
+            + (f" ({shadowed}: every parameter whose name contains it is taken by an earlier key; the first key a "
+               "name contains decides)" if shadowed else "")
+            + (f" ({[k for k in unused if k not in shadowed]}: no parameter's name contains it; e.g. "
+               f"{[n for n, _ in named[:3]]})" if len(shadowed) < len(unused) else ""))
+    return [{"params": groups[k], "lr": lr * (scale[k] if k is not None else 1.0), "name": k or "base"}
+            for k in [None, *scale]]
 
 
 def student_optimizer(m: Models, cfg: Config, device) -> torch.optim.AdamW:
