@@ -78,6 +78,19 @@ class Models:
         self.latent_shape = latent_shape(self.student)
 
 
+def build_student(cfg: Config, scheme: Scheme, device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The student UNet in fp32 (its init, ``models.student``) and its trainable parameters: all of them (full), or
+    a LoRA adapter's (lora, ``student_lora``)."""
+    student = load_unet(cfg.models.student, cfg.models, dtype=torch.float32, device=device)
+    if scheme == "full":
+        student.requires_grad_(True)
+        return student, list(student.parameters())
+    if scheme == "lora":
+        sl = cfg.student_lora
+        return student, add_lora(student, sl.rank, sl.alpha, sl.target_modules, sl.dropout)
+    raise ValueError(f"scheme must be 'full' or 'lora', not {scheme!r}")
+
+
 def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32) -> Models:
     """Frozen teacher (+ LoRA teacher adapter), trainable student, and for ``lora`` the TinyVAE and CLIP."""
     teacher = load_teacher(cfg.models, dtype=weight_dtype, device=device)
@@ -85,15 +98,7 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
     lora_params = add_lora(teacher.unet, lt.rank, lt.alpha, lt.target_modules, lt.dropout)
     for p in lora_params:  # trainable weights stay fp32 under mixed precision
         p.data = p.data.float()
-    student = load_unet(cfg.models.student, cfg.models, dtype=torch.float32, device=device)
-    if scheme == "full":
-        student.requires_grad_(True)
-        student_params = list(student.parameters())
-    elif scheme == "lora":
-        sl = cfg.student_lora
-        student_params = add_lora(student, sl.rank, sl.alpha, sl.target_modules, sl.dropout)
-    else:
-        raise ValueError(f"scheme must be 'full' or 'lora', not {scheme!r}")
+    student, student_params = build_student(cfg, scheme, device)
     set_checkpointing(student, cfg)
     student.train()
     m = Models(student, student_params, teacher.unet, lora_params, teacher.text_encoder, teacher.tokenizer,

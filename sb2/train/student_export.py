@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from sb2.config import Config, load_config
 from sb2.train import checkpoint as ckpt
@@ -48,22 +47,15 @@ def student_from_checkpoint(run_dir: str | Path, out: str | Path, step: int | No
     the run's final student. With ``ema`` (the default) and an EMA in the checkpoint, the EMA weights are saved, as
     the run saves them at its end."""
     from sb2.atomic import atomic_dir
-    from sb2.models.loading import load_unet
-    from sb2.models.lora import add_lora, save_lora
+    from sb2.models.lora import save_lora
     from sb2.train.loop import _load_student_state
+    from sb2.train.steps import build_student
 
     path = find_checkpoint(run_dir, step)
     shared = ckpt.load_checkpoint(path, 0).shared
     scheme = shared["scheme"]
     cfg = checkpoint_config(shared, overrides)
-    student = load_unet(cfg.models.student, cfg.models, dtype=torch.float32, device="cpu")
-    if scheme == "full":
-        params = list(student.parameters())
-    elif scheme == "lora":
-        sl = cfg.student_lora
-        params = add_lora(student, sl.rank, sl.alpha, sl.target_modules, sl.dropout)
-    else:
-        raise ValueError(f"{path}: unknown scheme {scheme!r}")
+    student, params = build_student(cfg, scheme, "cpu")
     try:
         _load_student_state(student, scheme, shared["student"])
     except RuntimeError as e:  # shapes or keys of another architecture
