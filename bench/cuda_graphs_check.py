@@ -111,7 +111,7 @@ def main() -> None:
         pairs = [("graphs", "eager")] + ([("compiled", "eager"), ("graphs", "compiled")] if "compiled" in students
                                          else [])  # graphs against compiled alone: what the graphs themselves change
         record["comparisons"][scheme] = {f"{a} vs {b}": compare(students[a], students[b]) for a, b in pairs}
-        print(f"{scheme:<4} students against the eager one: {record['comparisons'][scheme]}", flush=True)
+        print(f"{scheme:<4} students compared: {record['comparisons'][scheme]}", flush=True)
         (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))
     print(f"card: {card}, torch {torch.__version__}", flush=True)
 

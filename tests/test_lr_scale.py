@@ -99,9 +99,10 @@ def test_sb2_train_uses_the_scaled_rates_and_a_resume_takes_this_runs_factors(tm
     final = _train(tmp_path / "run", 2, f"optim.student_lr={2 * lr}", "optim.student_lr_scale={attn2: 30}")
     assert final["lr/student"] == pytest.approx(2 * lr) and final["lr/student/attn2"] == pytest.approx(60 * lr)
     # other keys would put Adam's moments on other parameters: refused, naming the setting
-    with pytest.raises(ValueError, match=r"optim.student_lr_scale has the keys \['attn1'\] here and \['attn2'\]"):
+    with pytest.raises(ValueError, match=r"optim.student_lr_scale has the keys \['attn1'\] here \(in this order\) "
+                                         r"and the keys \['attn2'\] in the checkpoint"):
         _train(tmp_path / "run", 3, "optim.student_lr_scale={attn1: 10}")
-    with pytest.raises(ValueError, match=r"keys \[\] here and \['attn2'\]"):
+    with pytest.raises(ValueError, match=r"keys \[\] here \(in this order\) and the keys \['attn2'\]"):
         _train(tmp_path / "run", 3)
 
 
@@ -114,3 +115,24 @@ def test_a_key_shadowed_by_an_earlier_one_is_named_as_such():
         lr_param_groups(p, 1e-6, {"attn": 2.0, "attn2": 10.0})
     with pytest.raises(ValueError, match=r"\['conv'\]: no parameter's name contains it"):
         lr_param_groups(p, 1e-6, {"attn": 2.0, "conv": 10.0})
+
+
+def test_a_checkpoint_from_before_the_scale_was_recorded_resumes_with_its_groups_names_and_this_runs_rates(tiny_cfg):
+    """Checkpoints written before ``student_lr_scale`` was saved beside the optimizer: the group count decides."""
+    from sb2.train.loop import _load_student_optimizer
+    from sb2.train.steps import build_models, student_optimizer
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.optim.student_lr_scale = {"attn2": 10.0}
+    m = build_models(cfg, "full", "cpu")
+    old = student_optimizer(m, cfg, "cpu").state_dict()
+    for g in old["param_groups"]:  # as an older checkpoint has them: no names, other rates
+        g.pop("name")
+        g["lr"] = 0.5
+    opt = student_optimizer(m, cfg, "cpu")
+    _load_student_optimizer(opt, {"opt_student": old}, cfg)  # no "student_lr_scale" key
+    assert [g["name"] for g in opt.param_groups] == ["base", "attn2"]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([cfg.optim.student_lr, 10 * cfg.optim.student_lr])
+    cfg.optim.student_lr_scale = {}
+    with pytest.raises(ValueError, match=r"keys \[\] here \(in this order\) and 2 parameter group\(s\)"):
+        _load_student_optimizer(student_optimizer(m, cfg, "cpu"), {"opt_student": old}, cfg)

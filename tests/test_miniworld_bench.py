@@ -330,3 +330,8 @@ def test_checkpoint_selection_keeps_the_candidate_with_the_best_validation_fid(t
     plan.select_steps = (3,)
     with pytest.raises(ValueError, match=r"select_steps \[3\]"):
         candidate_steps(plan)
+    plan.train_steps, plan.select_steps = 500, (250, 100)
+    assert candidate_steps(plan) == [100, 250, 500]  # a checkpoint every 50 steps: 10 a student
+    plan.select_steps = (333,)  # every step: 500 checkpoints a student
+    with pytest.raises(ValueError, match=r"a checkpoint every 1 steps, 500 a student \(at most 20\)"):
+        candidate_steps(plan)

@@ -59,16 +59,39 @@ def test_a_checkpoints_student_is_the_student_of_a_run_that_stopped_there(tmp_pa
     assert torch.equal(a, b)
 
 
-def test_with_an_ema_the_ema_weights_are_saved_unless_asked_otherwise(tmp_path):
+@pytest.mark.parametrize("scheme", ["full", "lora"])
+def test_with_an_ema_the_ema_weights_are_saved_unless_asked_otherwise(tmp_path, scheme):
     from sb2.train.student_export import PROVENANCE, student_from_checkpoint
 
-    final = _train(tmp_path / "run", "lora", 2, "ema.enabled=true", "ema.decay=0.5")
+    ema_sets = ("ema.enabled=true", "ema.decay=0.5")
+    final = _train(tmp_path / "run", scheme, 2, *ema_sets)
+    short = _train(tmp_path / "short", scheme, 1, *ema_sets)
     ema = student_from_checkpoint(tmp_path / "run", tmp_path / "ema")
-    _assert_equal(_tensors(ema, "lora"), _tensors(final, "lora"))  # the run's end saves the EMA weights too
+    _assert_equal(_tensors(ema, scheme), _tensors(final, scheme))  # the run's end saves the EMA weights too
+    at1 = student_from_checkpoint(tmp_path / "run", tmp_path / "ema1", step=1)
+    _assert_equal(_tensors(at1, scheme), _tensors(short, scheme))  # the EMA as it stood at step 1
     raw = student_from_checkpoint(tmp_path / "run", tmp_path / "raw", ema=False)
     assert json.loads((raw / PROVENANCE).read_text())["ema"] is False
     assert json.loads((ema / PROVENANCE).read_text())["ema"] is True
-    assert any(not torch.equal(v, _tensors(ema, "lora")[k]) for k, v in _tensors(raw, "lora").items())
+    assert any(not torch.equal(v, _tensors(ema, scheme)[k]) for k, v in _tensors(raw, scheme).items())
+
+
+def test_nothing_is_overwritten_and_a_corrupt_newest_checkpoint_is_passed_over(tmp_path, capsys):
+    from sb2.train import checkpoint as ckpt
+    from sb2.train.student_export import PROVENANCE, student_from_checkpoint
+
+    run = tmp_path / "run"
+    _train(run, "lora", 2)
+    for out, msg in ((run, "would replace the run"), (tmp_path, "would replace the run"),
+                     (run / "student", "exists and is not empty")):
+        with pytest.raises(ValueError, match=msg):
+            student_from_checkpoint(run, out)
+    assert (run / "student" / "adapter_model.safetensors").is_file() and ckpt.list_checkpoints(run)
+    state = run / ckpt.CKPT_DIR / ckpt.checkpoint_name(2) / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
+    out = student_from_checkpoint(run, tmp_path / "newest")  # the newest good one: step 1
+    assert json.loads((out / PROVENANCE).read_text())["step"] == 1
+    assert "unusable" in capsys.readouterr().err
 
 
 def test_the_command_names_a_missing_step_and_refuses_a_corrupt_checkpoint(tmp_path):

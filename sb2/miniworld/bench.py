@@ -243,8 +243,14 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
     if len(candidates) > 1:  # the earlier candidates' students, saved as the final one is (the last is the run's)
         from sb2.train.student_export import student_from_checkpoint
 
-        selection = {"candidates": {str(k): str(student_from_checkpoint(run_dir, run_dir / f"student_at_{k}", step=k))
-                                    for k in candidates[:-1]} | {str(plan.train_steps): str(path)}}
+        found, missing = {}, []
+        for k in candidates[:-1]:
+            try:
+                found[str(k)] = str(student_from_checkpoint(run_dir, run_dir / f"student_at_{k}", step=k))
+            except FileNotFoundError:  # no checkpoint at a step the loop skipped as non-finite
+                missing.append(k)
+        selection = {"candidates": found | {str(plan.train_steps): str(path)},
+                     **({"missing_candidates": missing} if missing else {})}
     return path, {"scheme": scheme, "overrides": extra, "steps": plan.train_steps, "student_lr": cfg.optim.student_lr,
                   "vsd_guidance": cfg.vsd.guidance_scale,
                   "clip_tau": cfg.clip_loss.tau if scheme == "lora" and cfg.clip_loss.enabled else None,
@@ -257,7 +263,16 @@ def candidate_steps(plan: Plan) -> list[int]:
     bad = [k for k in plan.select_steps if not 0 < k <= plan.train_steps]
     if bad:
         raise ValueError(f"select_steps {bad}: each must lie in 1 … train_steps ({plan.train_steps})")
-    return sorted({*plan.select_steps, plan.train_steps})
+    steps = sorted({*plan.select_steps, plan.train_steps})
+    every = math.gcd(*steps)  # the loop checkpoints every this many steps and keeps them all
+    if plan.train_steps // every > MAX_SELECT_CHECKPOINTS:
+        raise ValueError(f"select_steps {list(plan.select_steps)} with {plan.train_steps} steps: a checkpoint every "
+                         f"{every} steps, {plan.train_steps // every} a student (at most {MAX_SELECT_CHECKPOINTS}); "
+                         "pick steps with a larger common divisor with the step count")
+    return steps
+
+
+MAX_SELECT_CHECKPOINTS = 20
 
 
 def _needs_regularization(overrides: list[str]) -> bool:
@@ -345,14 +360,14 @@ class Bench:
                 path, info = self.pending.pop(name).result()
             else:
                 path, info = train_student(name, self.plan, self.root, self.work, self.base_overrides)
-        except Exception as e:
+            where = "in a worker process " if info.get("worker") else ""
+            print(f"[{self.elapsed():6.0f} s] trained {name} ({info['scheme']}, {info['steps']} steps × "
+                  f"{info['batch_size']}) {where}in {info['seconds']:.1f} s", flush=True)
+            if len(info.get("candidates", {})) > 1:
+                path = self.select(name, info)
+        except Exception as e:  # a failed selection fails the student too: not retrained by the next row
             self.failed_students[name] = f"{type(e).__name__}: {e}"
             raise
-        where = "in a worker process " if info.get("worker") else ""
-        print(f"[{self.elapsed():6.0f} s] trained {name} ({info['scheme']}, {info['steps']} steps × "
-              f"{info['batch_size']}) {where}in {info['seconds']:.1f} s", flush=True)
-        if "candidates" in info:
-            path = self.select(name, info)
         self.students[name], self.train_info[name] = Path(path), info
         return self.students[name]
 

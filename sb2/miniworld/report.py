@@ -40,8 +40,8 @@ def results_markdown(record: dict) -> str:
              f"{record['teacher_steps']} DDIM steps. FID is in the units of the mini-world feature judge "
              "(data/miniworld/CARD.md), comparable only within this table. Device: "
              f"{record['device']}; {record['seconds']['total']:.0f} s in all."), ""]
-    if record.get("select_steps"):
-        picked = {n: t["selection"]["step"] for n, t in record["students"].items() if "selection" in t}
+    picked = {n: t["selection"]["step"] for n, t in record["students"].items() if "selection" in t}
+    if record.get("select_steps") and picked:
         lines += [f"**Checkpoint selection**: each student was also saved at steps {record['select_steps']}; of those "
                   f"and the last step, the one with the lowest FID on the {record['num_captions']} validation "
                   "captions (noise seed 0) is the student of its rows — picked on held-out captions, not on the "

@@ -235,15 +235,20 @@ def _load_student_optimizer(opt: torch.optim.Optimizer, shared: dict, cfg: Confi
     """The student optimizer's state from a checkpoint, at the rates of this run's config (a changed
     ``optim.student_lr`` or factor takes effect; torch would restore the saved rates). Its groups must be the saved
     ones: a changed set of ``optim.student_lr_scale`` keys would put Adam's moments on other parameters."""
-    saved = list(shared.get("student_lr_scale", {}))
-    if saved != list(cfg.optim.student_lr_scale):
-        raise ValueError(f"optim.student_lr_scale has the keys {list(cfg.optim.student_lr_scale)} here and "
-                         f"{saved} in the checkpoint: a resumed run keeps its parameter groups (the factors may "
-                         "change); restore the keys, or start a new run (checkpoint.resume=false)")
-    rates = [g["lr"] for g in opt.param_groups]
+    here = list(cfg.optim.student_lr_scale)
+    saved = shared.get("student_lr_scale")  # absent from checkpoints written before per-layer rates were recorded
+    n_saved = len(shared["opt_student"]["param_groups"])
+    if (saved is not None and list(saved) != here) or n_saved != len(opt.param_groups):
+        was = f"the keys {list(saved)}" if saved is not None else f"{n_saved} parameter group(s)"
+        raise ValueError(f"optim.student_lr_scale has the keys {here} here (in this order) and {was} in the "
+                         "checkpoint: a resumed run keeps its parameter groups (the factors may change); restore "
+                         "the keys, or start a new run (checkpoint.resume=false)")
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(shared["opt_student"])
-    for g, lr in zip(opt.param_groups, rates, strict=True):
-        g["lr"] = lr
+    for g, f in zip(opt.param_groups, fresh, strict=True):
+        g["lr"] = f["lr"]
+        if "name" in f:
+            g["name"] = f["name"]
 
 
 def _load_student_state(unwrapped, scheme: Scheme, state: dict[str, torch.Tensor]) -> None:

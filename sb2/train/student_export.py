@@ -12,26 +12,42 @@ from sb2.config import Config, load_config
 from sb2.train import checkpoint as ckpt
 
 PROVENANCE = "sb2_checkpoint.json"  # beside the student: which run, checkpoint and step it is
-# What building the student needs from the run's own config (the checkpoint keeps it flattened).
-_STUDENT_KEYS = ("models.", "student_lora.")
+# What building the student needs from the run's own config (the checkpoint keeps it flattened): the student's
+# model and how to load it, and the LoRA student's shape. Not the teacher, TinyVAE or CLIP: they need not exist here.
+_STUDENT_KEYS = ("models.student", "models.student_prediction_type", "models.revision", "models.local_files_only",
+                 "student_lora.")
 
 
 def checkpoint_config(shared: dict, overrides: list[str] | None = None) -> Config:
-    """The run's config as far as the student's architecture goes (its profile, ``models.*``, ``student_lora.*``),
-    then ``overrides`` (e.g. a model path that moved since)."""
+    """The run's config as far as the student goes (its profile, ``models.student`` and how it loads,
+    ``student_lora.*``), then ``overrides`` (e.g. a model path that moved since)."""
     flat = json.loads(shared["config"])
-    sets = [f"{k}={json.dumps(v)}" for k, v in flat.items() if k.startswith(_STUDENT_KEYS) and v != "***"]
-    return load_config(flat.get("profile"), sets + list(overrides or []))
+    overrides = list(overrides or [])
+    keys = [k for k in flat if k.startswith(_STUDENT_KEYS)]
+    hidden = [k for k in keys if flat[k] == "***" and not any(o.split("=", 1)[0].strip() == k for o in overrides)]
+    if hidden:
+        raise ValueError(f"the checkpoint's config hides {hidden} (redacted as secret-looking): pass them with --set")
+    sets = [f"{k}={json.dumps(flat[k])}" for k in keys if flat[k] != "***"]
+    return load_config(flat.get("profile"), sets + overrides)
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The folder of the checkpoint at ``step`` of a run (default: the newest), verified against its manifest."""
+    """The folder of the checkpoint at ``step`` of a run, verified against its manifest; by default the newest whose
+    files verify (a corrupt newer one is reported and passed over, as training does)."""
+    import sys
+
     found = ckpt.list_checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"no checkpoints under {Path(run_dir) / ckpt.CKPT_DIR}")
     by_step = dict(found)
     if step is None:
-        step = found[-1][0]
+        for _, path in reversed(found):
+            try:
+                ckpt.verify(path)
+                return path
+            except ckpt.CorruptCheckpoint as e:
+                print(f"checkpoint {path} is unusable ({e}); trying the previous one", file=sys.stderr)
+        raise ValueError(f"no usable checkpoint in {run_dir}: every one fails its manifest")
     if step not in by_step:
         raise FileNotFoundError(f"no checkpoint at step {step} in {run_dir}; there are: {sorted(by_step)}")
     try:
@@ -51,6 +67,11 @@ def student_from_checkpoint(run_dir: str | Path, out: str | Path, step: int | No
     from sb2.train.loop import _load_student_state
     from sb2.train.steps import build_student
 
+    run, out = Path(run_dir).resolve(), Path(out).resolve()
+    if out == run or run.is_relative_to(out):
+        raise ValueError(f"--out {out} would replace the run {run} itself: pick another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty: pick a new folder (nothing is overwritten)")
     path = find_checkpoint(run_dir, step)
     shared = ckpt.load_checkpoint(path, 0).shared
     scheme = shared["scheme"]
