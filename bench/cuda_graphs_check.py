@@ -30,18 +30,11 @@ sys.path.insert(0, str(ROOT))
 from sb2.config import load_config  # noqa: E402
 from sb2.train.loop import train  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from train_step import release_cuda_graphs  # noqa: E402  (the benchmark's reset, shared)
+
 
 RUNS = (("eager", False, False), ("compiled", True, False), ("graphs", True, True))  # name, compile, cuda_graphs
-
-
-def release_compiled() -> None:
-    """Forget the compiled blocks and the CUDA graph trees' memory pools of the run that ended."""
-    import torch._dynamo
-    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-    torch._dynamo.reset()
-    reset_cudagraph_trees()
-    torch.cuda.empty_cache()
 
 
 def student_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -105,7 +98,7 @@ def main() -> None:
             print(f"{scheme:<4} {name:<8} {seconds:6.1f} s  "
                   + "  ".join(f"{k}={v:.4g}" for k, v in final.items()), flush=True)
             if torch.cuda.is_available():  # the next run's peak without this one's compiled graphs and pools
-                release_compiled()
+                release_cuda_graphs()
                 torch.cuda.reset_peak_memory_stats()
             (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))  # each run as it ends
         pairs = [("graphs", "eager")] + ([("compiled", "eager"), ("graphs", "compiled")] if "compiled" in students
