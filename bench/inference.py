@@ -9,6 +9,9 @@ against eager fp32 (relative error ‖out − ref‖/‖ref‖ on the image).
     python bench/inference.py --batches 1 --tuned [--coordinate-descent] --only "sb2 fast + compile" "sb2 fast + tuned compile"
     python bench/inference.py --tiny      # CPU smoke test of the script (tiny models, eager paths only)
     python bench/inference.py --batches 1 --stages [--tuned]   # where the compiled path's time goes, stage by stage
+    python bench/inference.py --batches 1 16 --tuned --only "sb2 fast + tuned compile" \
+        "sb2 fast + tuned compile + subpixel transposed" "sb2 fast + tuned compile + subpixel phases"
+    python bench/inference.py --batches 1 --stages --tuned --subpixel phases   # the stages with that lever
 
 ``--stages`` times the fast path's three stages apart — text encoder, UNet (x̂0), decoder (full VAE and TAESD) —
 each compiled and captured in a CUDA graph of its own as the whole is (on CPU: eager, a smoke test), beside the whole.
@@ -34,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from sb2.generation.generator import OneStepGenerator  # noqa: E402
 from sb2.student import decode  # noqa: E402
+
+SUBPIXEL = ("transposed", "phases")  # generate.subpixel_upsample's modes
 
 
 def sync(device):
@@ -87,12 +92,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (and the diffusers baseline)")
     ap.add_argument("--stages", action="store_true",
                     help="time the compiled fast path's stages apart (text encoder, UNet, decoders) instead")
+    ap.add_argument("--subpixel", choices=SUBPIXEL, default=None,
+                    help="with --stages: the UNet's and VAE's upsamplers as sub-pixel convolutions "
+                         "(generate.subpixel_upsample)")
     args = ap.parse_args()
+    if args.subpixel and not args.stages:
+        ap.error("--subpixel is for --stages; the whole path's variants are named "
+                 "'sb2 fast + tuned compile + subpixel MODE' (with --tuned)")
     if args.coordinate_descent and not args.tuned:
         ap.error("--coordinate-descent tunes the tuned compile: add --tuned")
     if args.only:
         known = {"sb2 eager", "sb2 eager + TAESD", "sb2 fast (CUDA graph)", "sb2 fast + TAESD", "sb2 fast + compile",
-                 "sb2 fast + compile + TAESD", "sb2 fast + tuned compile", "sb2 fast + tuned compile + TAESD"}
+                 "sb2 fast + compile + TAESD", "sb2 fast + tuned compile", "sb2 fast + tuned compile + TAESD",
+                 *(f"sb2 fast + tuned compile + subpixel {m}" for m in SUBPIXEL)}
         if set(args.only) - known:
             ap.error(f"--only: unknown variants {sorted(set(args.only) - known)}; known: {sorted(known)}")
     # Every compiled variant × batch size is one more graph of the same code object (GraphedOneStep._forward): with
@@ -130,6 +142,7 @@ def main() -> None:
     results = {"card": card, "torch": torch.__version__, "rows": rows}
     prompts_all = [f"a photo of a cat number {i}, highly detailed" for i in range(max(args.batches))]
     if args.stages:
+        results["subpixel"] = args.subpixel
         results["stages"] = time_stages(args, device, eager, eager_tiny, prompts_all)
         print(f"card: {card}, torch {torch.__version__}")
         if os.environ.get("OUT"):
@@ -170,6 +183,13 @@ def main() -> None:
                     variants += [("sb2 fast + tuned compile", lambda: ft.run(ft.tokenize(prompts), z), ref, False),
                                  ("sb2 fast + tuned compile + TAESD", lambda: ftt.run(ftt.tokenize(prompts), z), ref_t,
                                   False)]
+                    for mode in SUBPIXEL:  # built only if asked for: each is one more compile of the whole path
+                        name = f"sb2 fast + tuned compile + subpixel {mode}"
+                        if args.only and name not in args.only:
+                            continue
+                        fs = GraphedOneStep(subpixel_gen(copy_gen(eager), mode), compile=True, tuned=True,
+                                            coordinate_descent=cd)
+                        variants.append((name, lambda fs=fs: fs.run(fs.tokenize(prompts), z), ref, False))
         if args.only:  # the baseline always runs: the ratios are against it
             variants = [v for v in variants if v[0] == "diffusers pipeline" or v[0] in args.only]
         base_ms = None
@@ -240,12 +260,14 @@ def time_stages(args, device, eager: OneStepGenerator, eager_tiny: OneStepGenera
         if device.type == "cuda":
             from sb2.generation.fast import GraphedOneStep
 
-            fast = GraphedOneStep(copy_gen(eager), compile=compile, tuned=args.tuned)  # channels_last, fusions
-            fast_t = GraphedOneStep(copy_gen(eager_tiny), compile=compile, tuned=args.tuned)
+            fast = GraphedOneStep(subpixel_gen(copy_gen(eager), args.subpixel), compile=compile,
+                                  tuned=args.tuned)  # channels_last, fusions
+            fast_t = GraphedOneStep(subpixel_gen(copy_gen(eager_tiny), args.subpixel), compile=compile,
+                                    tuned=args.tuned)
             gen, tiny = fast.gen, fast_t.gen
         else:
             fast = fast_t = None
-            gen, tiny = eager, eager_tiny
+            gen, tiny = subpixel_gen(copy_gen(eager), args.subpixel), subpixel_gen(copy_gen(eager_tiny), args.subpixel)
         ids = (fast.tokenize(prompts_all[:b]) if fast else gen.tokenizer(
             prompts_all[:b], padding="max_length", max_length=gen.tokenizer.model_max_length, truncation=True,
             return_tensors="pt").input_ids).to(device)
@@ -277,6 +299,18 @@ def time_stages(args, device, eager: OneStepGenerator, eager_tiny: OneStepGenera
             rows.append({"batch": b, "stage": name, **st})
             print(f"batch {b:>2}  {name:<16} {st['median_ms']:8.3f} ms", flush=True)
     return rows
+
+
+def subpixel_gen(gen: OneStepGenerator, mode: str | None) -> OneStepGenerator:
+    """``gen`` with its UNet's and decoder's upsamplers as sub-pixel convolutions (``mode``), in place; as it is
+    without a mode."""
+    if mode:
+        from sb2.generation.subpixel import subpixel_upsamplers
+
+        if subpixel_upsamplers(gen.unet, mode) == 0:
+            raise ValueError("the UNet has no upsampler to replace")
+        subpixel_upsamplers(gen.decoder, mode)  # none in TAESD
+    return gen
 
 
 def copy_gen(gen: OneStepGenerator) -> OneStepGenerator:

@@ -398,6 +398,11 @@ class GenerateConfig(_Strict):
     # finished compiling after six minutes). bench/inference.py measures them (BENCHMARKS.md).
     tuned_compile: bool = True
     coordinate_descent_tuning: bool = False
+    # The UNet's and VAE decoder's upsamplers (nearest 2× then a 3×3 convolution) computed on the input's 2×2
+    # windows: "transposed" (one stride-2 transposed convolution) or "phases" (one 2×2 convolution for the four
+    # output phases, interleaved); the same images up to fp rounding, 16 instead of 36 multiply-adds per output pixel
+    # (about 15% of the SD VAE decoder's arithmetic). Off: not measured on a GPU yet (sb2/generation/subpixel.py).
+    subpixel_upsample: Literal["off", "transposed", "phases"] = "off"
 
 
 INCEPTION_WEIGHTS = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

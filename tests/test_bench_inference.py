@@ -19,3 +19,19 @@ def test_stages_times_each_stage_per_batch(tmp_path):
     stages = ["text encoder", "UNet (x0)", "VAE decoder", "TAESD decoder"]
     assert got == [(b, s) for b in (1, 2) for s in stages]  # on CPU no "whole" rows: the fast path needs CUDA
     assert all(row["median_ms"] > 0 for row in rec["stages"])
+
+
+def test_stages_with_the_subpixel_upsamplers(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "inference.py"), "--tiny", "--batches", "1", "--iters", "1"]
+    r = subprocess.run(cmd + ["--stages", "--subpixel", "phases"], cwd=root, env={**os.environ, "OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / "inference_stages.json").read_text())
+    assert rec["subpixel"] == "phases" and len(rec["stages"]) == 4
+    bad = subprocess.run(cmd + ["--subpixel", "phases"], cwd=root, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert bad.returncode == 2 and "--subpixel is for --stages" in bad.stderr
+    unknown = subprocess.run(cmd + ["--only", "sb2 fast + tuned compile + subpixel bilinear"], cwd=root,
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert unknown.returncode == 2 and "subpixel transposed" in unknown.stderr  # the known names are listed

@@ -116,6 +116,11 @@ def generate(model: str | Path, prompts: list[str], out_dir: str | Path, cfg, de
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.generate.dtype if device != "cpu" else "float32"
     gen = OneStepGenerator.load(model, cfg, device=device, dtype=dtype, decoder=cfg.generate.decoder)
+    replaced = 0
+    if cfg.generate.subpixel_upsample != "off":  # before the fast path makes its layouts and graphs
+        from sb2.generation.subpixel import subpixel_upsamplers
+
+        replaced = sum(subpixel_upsamplers(m, cfg.generate.subpixel_upsample) for m in (gen.unet, gen.decoder))
     if device != "cpu" and cfg.generate.fast and interpolate is None:
         from sb2.generation.fast import GraphedOneStep
 
@@ -148,6 +153,8 @@ def generate(model: str | Path, prompts: list[str], out_dir: str | Path, cfg, de
     else:
         raise ValueError(f"interpolate must be 'noise' or 'prompt', not {interpolate!r}")
     record.update(model=str(model), count=len(images))
+    if replaced:
+        record["subpixel_upsample"] = {"mode": cfg.generate.subpixel_upsample, "upsamplers": replaced}
     with atomic_dir(out_dir) as out:
         for i, im in enumerate(to_pil(images)):
             im.save(out / f"{i:04d}.png")
