@@ -307,8 +307,10 @@ class TrainConfig(_Strict):
     # With compile: each compiled region replayed as a CUDA graph (torch.compile's "reduce-overhead" mode, CUDA graph
     # trees; every training iteration marks a new step). The compiled step kept one H100 busy only 64% of the time
     # (the host's launches were the limit); with graphs another H100 went from 86% to 93% busy, 5% faster in one run
-    # (BENCHMARKS.md). Off, as compile is: the training loop itself was not run with it on a GPU. Refused with gradient
-    # checkpointing (its recompute calls the compiled blocks inside the backward: not measured).
+    # (BENCHMARKS.md). `sb2 train` under it (bench/cuda_graphs_check.py, H100): the lora scheme's student equal, bit
+    # for bit, to compiled without graphs; the full scheme's within 3.1e-5 of eager. Off, as compile is (minutes of
+    # compilation on the first step). Refused
+    # with gradient checkpointing (its recompute calls the compiled blocks inside the backward: not measured).
     cuda_graphs: bool = False
     # The frozen teacher's no-grad passes (cond/uncond and the LoRA teacher's VSD estimate) under autocast, as the
     # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so
