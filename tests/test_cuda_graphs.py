@@ -146,7 +146,24 @@ def test_the_gpu_check_script_runs(tmp_path):
                                                                                           ("full", True, True)]
     cmp = rec["comparisons"]["full"]["graphs vs eager"]
     assert cmp["identical"] and cmp["tensors"] > 10
+    assert cmp["rel_err_of_update"] == 0.0 and cmp["update_norm_rel"] > 0  # the students moved, identically
     assert rec["runs"][0]["final"]["loss/vsd"] == rec["runs"][1]["final"]["loss/vsd"]
+
+
+def test_the_check_compares_updates_from_the_init():
+    """What the full scheme's check reports: the relative error of the updates, not only of the weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from cuda_graphs_check import compare
+
+    init = {"w": torch.tensor([10.0, 10.0])}
+    a = {"unet.safetensors:w": torch.tensor([10.0, 11.0])}   # update (0, 1)
+    b = {"unet.safetensors:w": torch.tensor([10.0, 12.0])}   # update (0, 2)
+    c = compare(a, b, init)
+    assert c["rel_err"] == pytest.approx(1 / (100 + 144) ** 0.5)
+    assert c["rel_err_of_update"] == pytest.approx(0.5) and c["update_norm_rel"] == pytest.approx(2 / 244 ** 0.5)
+    assert "rel_err_of_update" not in compare(a, b)
+    with pytest.raises(ValueError, match="init has no tensor"):
+        compare(a, b, {"v": torch.zeros(2)})
 
 
 def test_the_gpu_check_script_compares_graphs_with_compiled_when_asked(tmp_path):
