@@ -117,3 +117,21 @@ def test_the_command_names_a_missing_step_and_refuses_a_corrupt_checkpoint(tmp_p
     assert (tmp_path / "s2" / "adapter_model.safetensors").is_file()
     r = cli(str(tmp_path / "nothing"), "--out", str(tmp_path / "s0"))
     assert r.returncode == 2 and "no checkpoints under" in r.stderr
+
+
+def test_the_checkpoint_is_mapped_so_the_optimizers_state_is_not_read(tmp_path):
+    """``student-from-checkpoint`` loads ``state.pt`` mapped: the student's tensors are read, the optimizers'
+    moments (most of the file for the full SD2.1 scheme) are not. Peak memory of a process that loads a checkpoint
+    with 400 MB of optimizer state and touches only the student, mapped and not."""
+    state = tmp_path / "state.pt"
+    torch.save({"student": {"w": torch.arange(1000.0)}, "optimizer": {"m": torch.ones(100_000_000)}}, state)
+    # VmHWM, this process's own peak resident memory (ru_maxrss would carry the parent's peak over the exec)
+    code = ("import sys; from pathlib import Path; from sb2.train.checkpoint import _load; "
+            "s = _load(Path(sys.argv[1]), mmap=sys.argv[2] == '1'); assert float(s['student']['w'].sum()) == 499500.0; "
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    root = Path(__file__).resolve().parents[1]
+    peak = {m: int(subprocess.run([sys.executable, "-c", code, str(state), m], cwd=root, capture_output=True,
+                                  text=True, check=True, timeout=300).stdout.split()[-1]) for m in ("0", "1")}
+    assert peak["0"] - peak["1"] > 300_000  # KiB: the 400 MB of moments were read only without the map
+    src = (root / "sb2" / "train" / "student_export.py").read_text()
+    assert "load_checkpoint(path, 0, mmap=True)" in src  # and the command loads it that way

@@ -180,8 +180,10 @@ class Loaded:
     world_size: int = 1
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """``mmap``: the tensors stay mapped from the file and are read only when touched (a tool that needs the student
+    alone does not read the optimizers' moments: for the full SD2.1 scheme most of ``state.pt``)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def find_latest_good(run_dir: str | Path, warn: Callable[[str], None] = print) -> Loaded | None:
@@ -214,10 +216,11 @@ def check_world_size(found: Loaded, world_size: int, policy: str) -> str | None:
             f"{world_size} × train.batch_size")
 
 
-def load_checkpoint(path: Path, rank: int, shared: dict[str, Any] | None = None) -> Loaded:
-    """The shared state (unless already loaded) and process ``rank``'s state of a checkpoint that was verified."""
+def load_checkpoint(path: Path, rank: int, shared: dict[str, Any] | None = None, mmap: bool = False) -> Loaded:
+    """The shared state (unless already loaded; ``mmap``: mapped, see :func:`_load`) and process ``rank``'s state of a
+    checkpoint that was verified."""
     rank_path = path / rank_file(rank)
-    shared = shared if shared is not None else _load(path / "state.pt")
+    shared = shared if shared is not None else _load(path / "state.pt", mmap)
     return Loaded(int(shared["step"]), path, shared, _load(rank_path) if rank_path.is_file() else None)
 
 
