@@ -2,7 +2,9 @@
 the real loop (``sb2.train.loop.train``), from the same seed: eager (no compile: the reference, and no
 minutes of compilation) and torch.compile per block with CUDA graphs; compares the saved students (one
 relative error over all their tensors: on a GPU compiled kernels differ from eager ones at the bf16 level,
-so expect ~1e-2, not equality), the final losses and the loop's own throughput. ``--with-compiled`` adds
+so expect ~1e-2, not equality; for the full scheme also the error of the two students' updates from their common
+init, ``rel_err_of_update``, which the weights' own error understates at lr 1e-6), the final losses and the loop's own
+throughput. ``--with-compiled`` adds
 compile without graphs (a third run) and compares graphs against it: what the graphs alone change.
 
     python bench/cuda_graphs_check.py --schemes full        # GPU: mini-world profile, 30 steps x 64
@@ -76,7 +78,8 @@ def init_tensors(cfg) -> dict[str, torch.Tensor]:
     """The full scheme's starting student (``models.student``) by parameter name, fp32 on the CPU."""
     from sb2.models.loading import load_unet
 
-    return {k: v.float() for k, v in load_unet(cfg.models.student, cfg.models, dtype=torch.float32).state_dict().items()}
+    unet = load_unet(cfg.models.student, cfg.models, dtype=torch.float32)
+    return {k: v.float() for k, v in unet.state_dict().items()}
 
 
 def main() -> None:

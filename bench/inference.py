@@ -107,6 +107,11 @@ def main() -> None:
                  *(f"sb2 fast + tuned compile + subpixel {m}" for m in SUBPIXEL)}
         if set(args.only) - known:
             ap.error(f"--only: unknown variants {sorted(set(args.only) - known)}; known: {sorted(known)}")
+        tuned = sorted(v for v in args.only if "tuned compile" in v)
+        if tuned and not args.tuned:  # they would be left out silently
+            ap.error(f"--only {tuned}: the tuned variants run with --tuned")
+        if args.no_compile and any("compile" in v for v in args.only):
+            ap.error("--only names compiled variants, which --no-compile leaves out")
     # Every compiled variant × batch size is one more graph of the same code object (GraphedOneStep._forward): with
     # --tuned and three batch sizes that is 12, over dynamo's default limit of 8, past which it silently runs eager.
     import torch._dynamo

@@ -308,7 +308,8 @@ class TrainConfig(_Strict):
     # trees; every training iteration marks a new step). The compiled step kept one H100 busy only 64% of the time
     # (the host's launches were the limit); with graphs another H100 went from 86% to 93% busy, 5% faster in one run
     # (BENCHMARKS.md). `sb2 train` under it (bench/cuda_graphs_check.py, H100): the lora scheme's student equal, bit
-    # for bit, to compiled without graphs; the full scheme's within 3.1e-5 of eager. Off, as compile is (minutes of
+    # for bit, to compiled without graphs; the full scheme's weights within 3.1e-5 of eager (small by construction at
+    # lr 1e-6: the check's rel_err_of_update, not yet run on a GPU, is the sharper one). Off, as compile is (minutes of
     # compilation on the first step). Refused
     # with gradient checkpointing (its recompute calls the compiled blocks inside the backward: not measured).
     cuda_graphs: bool = False
@@ -402,7 +403,7 @@ class GenerateConfig(_Strict):
     coordinate_descent_tuning: bool = False
     # The UNet's and VAE decoder's upsamplers (nearest 2× then a 3×3 convolution) computed on the input's 2×2
     # windows: "transposed" (one stride-2 transposed convolution) or "phases" (one 2×2 convolution for the four
-    # output phases, interleaved); the same images up to fp rounding, 16 instead of 36 multiply-adds per output pixel
+    # output phases, interleaved); the same images up to fp rounding, 4 instead of 9 multiply-adds per output pixel
     # (about 15% of the SD VAE decoder's arithmetic). Off: not measured on a GPU yet (sb2/generation/subpixel.py).
     subpixel_upsample: Literal["off", "transposed", "phases"] = "off"
 

@@ -35,3 +35,6 @@ def test_stages_with_the_subpixel_upsamplers(tmp_path):
     unknown = subprocess.run(cmd + ["--only", "sb2 fast + tuned compile + subpixel bilinear"], cwd=root,
                              capture_output=True, text=True, timeout=600, check=False)
     assert unknown.returncode == 2 and "subpixel transposed" in unknown.stderr  # the known names are listed
+    untuned = subprocess.run(cmd + ["--only", "sb2 fast + tuned compile + subpixel phases"], cwd=root,
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert untuned.returncode == 2 and "run with --tuned" in untuned.stderr  # not left out silently

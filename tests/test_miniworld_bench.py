@@ -297,7 +297,7 @@ def test_placeholders_are_filled_and_other_braces_kept():
         fill_placeholders("models.student={teacer}/unet", **paths)
 
 
-def test_checkpoint_selection_keeps_the_candidate_with_the_best_validation_fid(tmp_path):
+def test_checkpoint_selection_keeps_the_candidate_with_the_best_validation_fid(tmp_path, monkeypatch):
     """With select_steps, every student is saved at those steps too; each candidate is scored on the validation
     captions and the lowest FID is the student its rows use (here the A row: its generator's weights are the picked
     checkpoint's student)."""
@@ -311,9 +311,12 @@ def test_checkpoint_selection_keeps_the_candidate_with_the_best_validation_fid(t
     plan.train_steps, plan.select_steps, plan.train_seeds = 2, (1,), (0,)
     plan.rows, plan.sweep = ["A: full, VSD"], False
     assert candidate_steps(plan) == [1, 2]
-    b = Bench(tmp_path / "out", tmp_path / "work", plan, "cpu", world_root().resolve())
+    monkeypatch.chdir(tmp_path)  # a relative work folder, as the bench's default: recorded as given, not resolved
+    b = Bench(tmp_path / "out", Path("work"), plan, "cpu", world_root().resolve())
     path = b.student("A")
     sel = b.train_info["A"]["selection"]
+    cands = b.train_info["A"]["candidates"]
+    assert Path(cands["1"]).parent == Path(cands["2"]).parent and not Path(cands["1"]).is_absolute()
     assert set(sel["validation_fid"]) == {"1", "2"}
     best = min(sel["validation_fid"], key=sel["validation_fid"].get)
     assert sel["step"] == int(best) and path == Path(b.train_info["A"]["candidates"][best])

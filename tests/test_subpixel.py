@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sb2.generation.subpixel import (SubpixelUpsample2D, eligible, phase_kernel, subpixel_upsamplers,
+from sb2.generation.subpixel import (SubpixelUpsample2D, eligible, phase_kernel, subpixel_upsamplers, to_subpixel,
                                      transposed_kernel, upsample_conv)
 
 MODES = ("transposed", "phases")
@@ -80,16 +80,25 @@ def test_only_plain_nearest_3x3_upsamplers_are_eligible():
                   Upsample2D(4, use_conv=True, interpolate=False), torch.nn.Conv2d(4, 4, 3, padding=1)):
         assert not eligible(other)
     with pytest.raises(ValueError, match="Upsample2D"):
-        SubpixelUpsample2D(Upsample2D(4, use_conv_transpose=True))
+        to_subpixel(Upsample2D(4, use_conv_transpose=True))
+    converted = to_subpixel(Upsample2D(4, use_conv=True), "phases")
+    assert not eligible(converted) and to_subpixel(converted, "phases") is converted  # once only
+    with pytest.raises(ValueError, match="already converted"):
+        to_subpixel(converted, "transposed")
+    with pytest.raises(ValueError, match="mode"):
+        to_subpixel(Upsample2D(4, use_conv=True), "bilinear")
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_upsampler_replaced_keeps_its_output_and_its_output_size_fallback(mode):
     from diffusers.models.upsampling import Upsample2D
 
+    import copy
+
     torch.manual_seed(0)
     up = Upsample2D(3, use_conv=True, out_channels=5).double()
-    sub = SubpixelUpsample2D(up, mode)
+    sub = to_subpixel(copy.deepcopy(up), mode)
+    assert isinstance(sub, SubpixelUpsample2D) and isinstance(sub, Upsample2D)
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
     torch.testing.assert_close(sub(x), up(x), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(sub(x, (8, 12)), up(x), atol=1e-12, rtol=1e-12)  # output_size twice the input
@@ -118,6 +127,61 @@ def test_the_tiny_unet_and_vae_keep_their_images_with_every_upsampler_replaced(t
     after = gen(prompts, noise=z)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
     assert not torch.equal(after, torch.zeros_like(after))
+    with pytest.raises(ValueError, match="already converted"):
+        subpixel_upsamplers(gen.unet, "phases" if mode == "transposed" else "transposed")
+
+
+def test_the_state_dict_is_unchanged_so_saving_and_loading_see_plain_upsamplers(tiny_cfg, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sb2.models.loading import load_unet
+
+    unet = load_unet(tiny_cfg.models.student, tiny_cfg.models)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert subpixel_upsamplers(unet, "transposed") > 0
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    unet.load_state_dict(before, strict=True)
+    unet.save_pretrained(tmp_path / "unet")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert not any(isinstance(m, SubpixelUpsample2D) for m in again.modules())  # a stock diffusers model
+
+
+def test_converted_models_in_half_precision_and_channels_last(tiny_cfg):
+    """The fast path casts and re-lays the models after converting them: the kernels follow."""
+    from sb2.models.loading import load_vae
+
+    vae = load_vae(tiny_cfg.models.teacher, tiny_cfg.models)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        ref = vae.decode(z).sample  # fp32, plain upsamplers
+        plain = vae.to(torch.bfloat16).decode(z.to(torch.bfloat16)).sample.float()
+        subpixel_upsamplers(vae, "phases")
+        vae.to(memory_format=torch.channels_last)
+        ups = [m for m in vae.modules() if isinstance(m, SubpixelUpsample2D)]
+        assert ups and all(m.subpixel_kernel.dtype == torch.bfloat16 for m in ups)
+        out = vae.decode(z.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)).sample.float()
+
+    def err(x):
+        return ((x - ref).norm() / ref.norm()).item()
+
+    assert err(plain) < 0.05 and err(out) < 2 * err(plain) + 1e-3  # bf16 rounding, as the plain model's
+
+
+def test_a_latent_not_divisible_by_the_unet_downsampling_uses_the_fallback(tiny_cfg):
+    from sb2.models.loading import load_unet
+
+    unet = load_unet(tiny_cfg.models.student, tiny_cfg.models).double()
+    g = torch.Generator().manual_seed(0)
+    n_down = len(unet.config.down_block_types) - 1
+    side = 2 ** n_down * 2 + 1  # odd: diffusers passes each upsampler an output size other than twice its input
+    x = torch.randn(1, unet.config.in_channels, side, side, generator=g, dtype=torch.float64)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g, dtype=torch.float64)
+    t = torch.tensor([999])
+    ref = unet(x, t, emb).sample
+    assert subpixel_upsamplers(unet, "transposed") > 0
+    torch.testing.assert_close(unet(x, t, emb).sample, ref, atol=1e-10, rtol=1e-10)
 
 
 def test_generate_with_the_switch_writes_the_same_images_and_says_so(tiny_cfg, tmp_path):

@@ -246,7 +246,8 @@ def train_student(name: str, plan: Plan, root: Path, work: Path, base_overrides:
         found, missing = {}, []
         for k in candidates[:-1]:
             try:
-                found[str(k)] = str(student_from_checkpoint(run_dir, run_dir / f"student_at_{k}", step=k))
+                student_from_checkpoint(run_dir, run_dir / f"student_at_{k}", step=k)
+                found[str(k)] = str(run_dir / f"student_at_{k}")  # as the run's own path is written (not resolved)
             except FileNotFoundError:  # no checkpoint at a step the loop skipped as non-finite
                 missing.append(k)
         selection = {"candidates": found | {str(plan.train_steps): str(path)},

@@ -181,8 +181,8 @@ class Loaded:
 
 
 def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """``mmap``: the tensors stay mapped from the file and are read only when touched (a tool that needs the student
-    alone does not read the optimizers' moments: for the full SD2.1 scheme most of ``state.pt``)."""
+    """``mmap``: the tensors stay mapped from the file and are paged in only when touched (a tool that needs the
+    student alone does not load the optimizers' moments into memory: for the full SD2.1 scheme most of ``state.pt``)."""
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 

@@ -73,7 +73,8 @@ def student_from_checkpoint(run_dir: str | Path, out: str | Path, step: int | No
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not empty: pick a new folder (nothing is overwritten)")
     path = find_checkpoint(run_dir, step)
-    shared = ckpt.load_checkpoint(path, 0, mmap=True).shared  # reads the student (and EMA), not the optimizers
+    # mapped: the student (and EMA) are loaded into memory, not the optimizers' moments
+    shared = ckpt.load_checkpoint(path, 0, mmap=True).shared
     scheme = shared["scheme"]
     cfg = checkpoint_config(shared, overrides)
     student, params = build_student(cfg, scheme, "cpu")
