@@ -177,6 +177,28 @@ def test_a_worker_that_dies_fails_its_students_instead_of_hanging_the_bench(tmp_
     assert b.pool is None and not b.pending
 
 
+def test_the_tuning_script_runs_variants_side_by_side_and_records_the_device(tmp_path):
+    """--parallel: each variant in a process of its own, gathered into one JSON with the device, the status of each
+    variant and its scores (the GPU rounds' path; here two teacher variants on CPU)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name = f"tune_par_{os.getpid()}"
+    r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "T|1.5", "T|2",
+                        "--parallel", "2", "--captions", "16", "--device", "cpu", "--name", name],
+                       cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=900, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / f"{name}.json").read_text())
+    assert rec["device"] == "cpu" and rec["parallel"] == 2 and rec["seconds"] > 0
+    assert [v["variant"] for v in rec["variants"]] == ["T|1.5", "T|2"]
+    assert all(v["status"].startswith("exit 0") and v["fid"] > 0 for v in rec["variants"])
+    assert rec["variants"][0]["fid"] != rec["variants"][1]["fid"]  # two guidance scales, two scores
+
+
 def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
     """bench/miniworld_tune.py: a variant is one student (the bench's own training and scoring) with the variant's
     overrides — not the bench's three training seeds of A."""
