@@ -36,9 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sb2.generation.generator import OneStepGenerator  # noqa: E402
+from sb2.generation.subpixel import MODES as SUBPIXEL, subpixel_upsamplers  # noqa: E402  (generate.subpixel_upsample)
 from sb2.student import decode  # noqa: E402
-
-SUBPIXEL = ("transposed", "phases")  # generate.subpixel_upsample's modes
 
 
 def sync(device):
@@ -310,8 +309,6 @@ def subpixel_gen(gen: OneStepGenerator, mode: str | None) -> OneStepGenerator:
     """``gen`` with its UNet's and decoder's upsamplers as sub-pixel convolutions (``mode``), in place; as it is
     without a mode."""
     if mode:
-        from sb2.generation.subpixel import subpixel_upsamplers
-
         if subpixel_upsamplers(gen.unet, mode) == 0:
             raise ValueError("the UNet has no upsampler to replace")
         subpixel_upsamplers(gen.decoder, mode)  # none in TAESD

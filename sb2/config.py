@@ -310,8 +310,8 @@ class TrainConfig(_Strict):
     # (BENCHMARKS.md). `sb2 train` under it (bench/cuda_graphs_check.py, H100): the lora scheme's student equal, bit
     # for bit, to compiled without graphs; the full scheme's weights within 3.1e-5 of eager (small by construction at
     # lr 1e-6: the check's rel_err_of_update, not yet run on a GPU, is the sharper one). Off, as compile is (minutes of
-    # compilation on the first step). Refused
-    # with gradient checkpointing (its recompute calls the compiled blocks inside the backward: not measured).
+    # compilation on the first step). Refused with gradient checkpointing (its recompute calls the compiled blocks
+    # inside the backward: not measured).
     cuda_graphs: bool = False
     # The frozen teacher's no-grad passes (cond/uncond and the LoRA teacher's VSD estimate) under autocast, as the
     # rest of the step; false runs them in the teacher's own dtype (bf16 under mixed precision) without autocast, so

@@ -207,6 +207,12 @@ def test_generate_with_the_switch_writes_the_same_images_and_says_so(tiny_cfg, t
 def test_the_config_refuses_an_unknown_mode():
     from sb2.config import load_config
 
+    from typing import get_args
+
+    from sb2.config import GenerateConfig
+    from sb2.generation.subpixel import MODES
+
     assert load_config("tiny").generate.subpixel_upsample == "off"
+    assert get_args(GenerateConfig.model_fields["subpixel_upsample"].annotation) == ("off", *MODES)  # one list
     with pytest.raises(Exception, match="subpixel_upsample"):
         load_config("tiny", ["generate.subpixel_upsample=bilinear"])

@@ -22,7 +22,7 @@ Which is faster depends on cuDNN's kernels for each (strided transposed convolut
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 SubpixelMode = Literal["transposed", "phases"]
+MODES: tuple[str, ...] = get_args(SubpixelMode)
 
 # Row k of the transposed kernel sums these rows of the 3×3 kernel: output row 2i + a takes input row x with weight
 # T[2(i − x) + a + 1] (padding 1), i.e. k = 0: (a = 1, x = i + 1) ← row 2; k = 1: (a = 0, x = i) ← rows 1 + 2;
@@ -71,7 +72,7 @@ def upsample_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | No
     if mode == "transposed":
         return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
     if mode != "phases":
-        raise ValueError(f"unknown mode {mode!r}: 'transposed' or 'phases'")
+        raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
     n, _, h, w = x.shape
     out_ch = kernel.shape[0] // 4
     y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, None if bias is None else bias.repeat(4))  # [n, 4·out, h+1, w+1]
@@ -107,8 +108,8 @@ class SubpixelUpsample2D(Upsample2D):
 
 def to_subpixel(upsample: nn.Module, mode: SubpixelMode = "transposed") -> SubpixelUpsample2D:
     """Convert one eligible upsampler (see :func:`eligible`) in place and return it."""
-    if mode not in ("transposed", "phases"):
-        raise ValueError(f"unknown mode {mode!r}: 'transposed' or 'phases'")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
     if isinstance(upsample, SubpixelUpsample2D):
         if upsample.subpixel_mode != mode:
             raise ValueError(f"this upsampler is already converted to {upsample.subpixel_mode!r}, not {mode!r}")
