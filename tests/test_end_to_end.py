@@ -81,7 +81,7 @@ def test_merge_generate_export_and_reload_with_stock_diffusers(trained, tiny_cfg
     merged = merge_students(full, lora, 0.5, root / "merged", tiny_cfg.models)
     rec = generate(merged, ["a red fox", "a snowy owl", "a dragon"], root / "gen", tiny_cfg, device="cpu")
     assert rec["count"] == 3 and (root / "gen" / "grid.png").is_file() and (root / "gen" / "0002.png").is_file()
-    again = generate(merged, ["a red fox"], root / "gen2", tiny_cfg, device="cpu", seeds=[rec["seeds"][0]])
+    generate(merged, ["a red fox"], root / "gen2", tiny_cfg, device="cpu", seeds=[rec["seeds"][0]])
     from PIL import Image
     import numpy as np
 

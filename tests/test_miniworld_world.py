@@ -54,7 +54,9 @@ def test_splits_are_disjoint_and_hold_out_pairs():
     _, eval_caps, ev = make_pairs(0, "eval", 2000)
     assert not set(train_caps) & set(eval_caps)
     held = {(COLORS.index(c), SHAPES.index(s)) for c, s in world.HELD_OUT}
-    pairs = lambda sc: {(c, s) for c, s in zip(sc.color.ravel(), sc.shape.ravel()) if s >= 0}
+    def pairs(sc):
+        return {(c, s) for c, s in zip(sc.color.ravel(), sc.shape.ravel()) if s >= 0}
+
     assert not pairs(train) & held
     assert held <= pairs(ev)
     assert set(world.TRAIN_FRAMES).isdisjoint(world.EVAL_FRAMES)
