@@ -67,7 +67,9 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
 
 
 def _row(fid, recall, alignment):
-    m = lambda v: {"mean": v, "std": 0.0}
+    def m(v):
+        return {"mean": v, "std": 0.0}
+
     return {"fid": m(fid), "precision": m(0.9), "recall": m(recall), "clip_score": m(0.3), "alignment": m(alignment)}
 
 
@@ -360,3 +362,24 @@ def test_checkpoint_selection_keeps_the_candidate_with_the_best_validation_fid(t
     plan.select_steps = (333,)  # every step: 500 checkpoints a student
     with pytest.raises(ValueError, match=r"a checkpoint every 1 steps, 500 a student \(at most 20\)"):
         candidate_steps(plan)
+
+
+def test_an_mps_daemon_that_does_not_quit_is_reported_not_raised(tmp_path, monkeypatch, capsys):
+    """The H200 round's script exited 1 after writing every result: the daemon's ``quit`` hung past the timeout and
+    raised. A control program that hangs (a stand-in on PATH: the real one needs a GPU) is now reported."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "miniworld_tune", Path(__file__).resolve().parents[1] / "bench" / "miniworld_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    fake = tmp_path / "nvidia-cuda-mps-control"
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert tune.stop_mps(timeout=0.5) == "not stopped: TimeoutExpired"
+    assert "did not quit" in capsys.readouterr().out
+    fake.write_text("#!/bin/sh\ncat > /dev/null\n")  # one that reads the quit and exits
+    assert tune.stop_mps(timeout=5) == "stopped"
