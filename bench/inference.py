@@ -12,6 +12,8 @@ against eager fp32 (relative error ‖out − ref‖/‖ref‖ on the image).
     python bench/inference.py --batches 1 16 --tuned --only "sb2 fast + tuned compile" \
         "sb2 fast + tuned compile + subpixel transposed" "sb2 fast + tuned compile + subpixel phases"
     python bench/inference.py --batches 1 --stages --tuned --subpixel phases   # the stages with that lever
+    python bench/inference.py --batches 1 16 --no-compile --only "sb2 fast (CUDA graph)" \
+        "sb2 fast + subpixel transposed" "sb2 fast + subpixel phases"   # the lever under the CUDA graph alone
 
 ``--stages`` times the fast path's three stages apart — text encoder, UNet (x̂0), decoder (full VAE and TAESD) —
 each compiled and captured in a CUDA graph of its own as the whole is (on CPU: eager, a smoke test), beside the whole.
@@ -103,7 +105,8 @@ def main() -> None:
     if args.only:
         known = {"sb2 eager", "sb2 eager + TAESD", "sb2 fast (CUDA graph)", "sb2 fast + TAESD", "sb2 fast + compile",
                  "sb2 fast + compile + TAESD", "sb2 fast + tuned compile", "sb2 fast + tuned compile + TAESD",
-                 *(f"sb2 fast + tuned compile + subpixel {m}" for m in SUBPIXEL)}
+                 *(f"sb2 fast + tuned compile + subpixel {m}" for m in SUBPIXEL),
+                 *(f"sb2 fast + subpixel {m}" for m in SUBPIXEL)}
         if set(args.only) - known:
             ap.error(f"--only: unknown variants {sorted(set(args.only) - known)}; known: {sorted(known)}")
         tuned = sorted(v for v in args.only if "tuned compile" in v)
@@ -175,6 +178,11 @@ def main() -> None:
             fast_t = GraphedOneStep(eager_tiny)
             variants += [("sb2 fast (CUDA graph)", lambda: fast.run(fast.tokenize(prompts), z), ref, False),
                          ("sb2 fast + TAESD", lambda: fast_t.run(fast_t.tokenize(prompts), z), ref_t, False)]
+            for mode in SUBPIXEL:  # the CUDA graph without compile; built only if asked for
+                name = f"sb2 fast + subpixel {mode}"
+                if args.only and name in args.only:
+                    fsp = GraphedOneStep(subpixel_gen(copy_gen(eager), mode))
+                    variants.append((name, lambda fsp=fsp: fsp.run(fsp.tokenize(prompts), z), ref, False))
             if not args.no_compile:
                 fc = GraphedOneStep(copy_gen(eager), compile=True)
                 fct = GraphedOneStep(copy_gen(eager_tiny), compile=True)

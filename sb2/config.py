@@ -404,7 +404,9 @@ class GenerateConfig(_Strict):
     # The UNet's and VAE decoder's upsamplers (nearest 2× then a 3×3 convolution) computed on the input's 2×2
     # windows: "transposed" (one stride-2 transposed convolution) or "phases" (one 2×2 convolution for the four
     # output phases, interleaved); the same images up to fp rounding, 4 instead of 9 multiply-adds per output pixel
-    # (about 15% of the SD VAE decoder's arithmetic). Off: not measured on a GPU yet (sb2/generation/subpixel.py).
+    # (about 15% of the SD VAE decoder's arithmetic; sb2/generation/subpixel.py). Off: on an H200 neither form is
+    # faster everywhere — with compile, batch 1, "phases" 9.5% faster and "transposed" not; without compile
+    # "transposed" 3–7% faster and "phases" 2–3% slower; batch 16 compiled, no gain (BENCHMARKS.md).
     subpixel_upsample: Literal["off", "transposed", "phases"] = "off"
 
 
