@@ -6,9 +6,13 @@ so expect ~1e-2, not equality; for the full scheme also the error of the two stu
 init, ``rel_err_of_update``, which the weights' own error understates at lr 1e-6), the final losses and the loop's own
 throughput. ``--with-compiled`` adds
 compile without graphs (a third run) and compares graphs against it: what the graphs alone change.
+``--noise-floor`` adds a second eager run that differs from the first only in its kernels' order of summation (cuDNN
+autotuning on, bf16 GEMMs' reduced-precision reduction flipped): two equally valid eager students, whose difference is
+what rounding alone, carried through the steps, gives — the scale against which the compiled run's error is read.
 
     python bench/cuda_graphs_check.py --schemes full        # GPU: mini-world profile, 30 steps x 64
                                                             # (the graphs run compiles for minutes: one scheme a call)
+    python bench/cuda_graphs_check.py --schemes full --noise-floor   # + the eager-vs-eager floor (seconds more)
     python bench/cuda_graphs_check.py --steps 2 --batch 2   # CPU smoke run (no compile or graphs)
 
 Writes $OUT/cuda_graphs_check.json (or ./). A check, not a timing benchmark: the throughput is the
@@ -18,6 +22,7 @@ loop's own (windows of ``train.log_every`` steps after the first), from one run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,6 +42,39 @@ from train_step import release_cuda_graphs  # noqa: E402  (the benchmark's reset
 
 
 RUNS = (("eager", False, False), ("compiled", True, False), ("graphs", True, True))  # name, compile, cuda_graphs
+NOISE_FLOOR = ("eager_reordered", False, False)
+
+
+def runs_of(with_compiled: bool, noise_floor: bool) -> list[tuple[str, bool, bool]]:
+    """The runs of one scheme, in order: eager, [eager reordered], [compiled], graphs."""
+    return [RUNS[0], *([NOISE_FLOOR] if noise_floor else []), *([RUNS[1]] if with_compiled else []), RUNS[2]]
+
+
+def pairs_of(names) -> list[tuple[str, str]]:
+    """The comparisons made of the runs present: graphs against eager always; the noise floor and compiled against
+    eager; graphs against compiled (what the graphs alone change)."""
+    out = [("graphs", "eager")]
+    if NOISE_FLOOR[0] in names:
+        out.append((NOISE_FLOOR[0], "eager"))
+    if "compiled" in names:
+        out += [("compiled", "eager"), ("graphs", "compiled")]
+    return out
+
+
+class reordered:
+    """The eager run's kernels with another order of summation: cuDNN autotuning on (other convolution algorithms)
+    and the bf16 GEMMs' reduced-precision reduction flipped (other split-K reductions). Both flags are restored."""
+
+    def __enter__(self):
+        m = torch.backends.cuda.matmul
+        self.saved = (torch.backends.cudnn.benchmark, m.allow_bf16_reduced_precision_reduction)
+        torch.backends.cudnn.benchmark = True
+        m.allow_bf16_reduced_precision_reduction = not self.saved[1]
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = self.saved
+        return False
 
 
 def student_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -92,13 +130,15 @@ def main() -> None:
     ap.add_argument("--lr-lora", type=float, default=3e-4)
     ap.add_argument("--work", default="/tmp/sb2-cuda-graphs-check")
     ap.add_argument("--with-compiled", action="store_true", help="also compile without graphs (minutes more)")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also a second eager run with another order of summation (seconds more)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     record = {"card": card, "torch": torch.__version__, "args": vars(args), "runs": [], "comparisons": {}}
     for scheme in args.schemes:
         students = {}
-        for name, compiled, graphs in RUNS if args.with_compiled else (RUNS[0], RUNS[2]):
+        for name, compiled, graphs in runs_of(args.with_compiled, args.noise_floor):
             cfg = load_config(args.profile, [
                 f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                 f"train.log_every={max(1, args.steps // 3)}",
@@ -108,12 +148,15 @@ def main() -> None:
                 f"checkpoint.every={max(1, args.steps // 2)}", "checkpoint.resume=false"])
             run_dir = Path(args.work) / f"{scheme}_{name}"
             t0 = time.perf_counter()
-            path = train(cfg, scheme, run_dir, progress=False)
+            with reordered() if name == NOISE_FLOOR[0] else contextlib.nullcontext():
+                path = train(cfg, scheme, run_dir, progress=False)
             seconds = time.perf_counter() - t0
             final = json.loads((run_dir / "train.json").read_text())["final"]
             students[name] = student_tensors(path)
             run = {"scheme": scheme, "run": name, "compile": compiled, "cuda_graphs": graphs,
                    "seconds": round(seconds, 1), "final": final}
+            if name == NOISE_FLOOR[0]:
+                run["kernels"] = "cudnn.benchmark on, bf16 reduced-precision reduction flipped"
             if torch.cuda.is_available():
                 run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             record["runs"].append(run)
@@ -123,8 +166,7 @@ def main() -> None:
                 release_cuda_graphs()
                 torch.cuda.reset_peak_memory_stats()
             (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))  # each run as it ends
-        pairs = [("graphs", "eager")] + ([("compiled", "eager"), ("graphs", "compiled")] if "compiled" in students
-                                         else [])  # graphs against compiled alone: what the graphs themselves change
+        pairs = pairs_of(students)
         init = init_tensors(cfg) if scheme == "full" else None  # the LoRA adapter's init is not saved: none
         record["comparisons"][scheme] = {f"{a} vs {b}": compare(students[a], students[b], init) for a, b in pairs}
         print(f"{scheme:<4} students compared: {record['comparisons'][scheme]}", flush=True)

@@ -169,11 +169,35 @@ def test_the_check_compares_updates_from_the_init():
 def test_the_gpu_check_script_compares_graphs_with_compiled_when_asked(tmp_path):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
-                        "--schemes", "lora", "--steps", "1", "--batch", "2", "--with-compiled",
+                        "--schemes", "lora", "--steps", "1", "--batch", "2", "--with-compiled", "--noise-floor",
                         "--work", str(tmp_path / "work")],
                        cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
-    assert [run["run"] for run in rec["runs"]] == ["eager", "compiled", "graphs"]
-    assert set(rec["comparisons"]["lora"]) == {"graphs vs eager", "compiled vs eager", "graphs vs compiled"}
+    assert [run["run"] for run in rec["runs"]] == ["eager", "eager_reordered", "compiled", "graphs"]
+    assert set(rec["comparisons"]["lora"]) == {"graphs vs eager", "eager_reordered vs eager", "compiled vs eager",
+                                                "graphs vs compiled"}
+    assert "kernels" in rec["runs"][1] and not rec["runs"][1]["compile"]
+    # On CPU the two flags choose nothing: the floor run gives the eager student exactly
+    assert rec["comparisons"]["lora"]["eager_reordered vs eager"]["identical"]
+
+
+def test_the_noise_floor_run_flips_the_kernel_choices_and_restores_them():
+    """--noise-floor's second eager run: cuDNN autotuning on and the bf16 GEMMs' reduced-precision reduction flipped
+    inside, both flags as they were after (also after an error in the run)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from cuda_graphs_check import pairs_of, reordered, runs_of
+
+    m = torch.backends.cuda.matmul
+    before = (torch.backends.cudnn.benchmark, m.allow_bf16_reduced_precision_reduction)
+    with reordered():
+        assert torch.backends.cudnn.benchmark is True
+        assert m.allow_bf16_reduced_precision_reduction is (not before[1])
+    assert (torch.backends.cudnn.benchmark, m.allow_bf16_reduced_precision_reduction) == before
+    with pytest.raises(RuntimeError), reordered():
+        raise RuntimeError("a run that fails")
+    assert (torch.backends.cudnn.benchmark, m.allow_bf16_reduced_precision_reduction) == before
+    assert [r[0] for r in runs_of(False, True)] == ["eager", "eager_reordered", "graphs"]
+    assert [r[0] for r in runs_of(False, False)] == ["eager", "graphs"]
+    assert pairs_of(["eager", "eager_reordered", "graphs"]) == [("graphs", "eager"), ("eager_reordered", "eager")]
