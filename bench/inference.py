@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.subpixel and not args.stages:
         ap.error("--subpixel is for --stages; the whole path's variants are named "
-                 "'sb2 fast + tuned compile + subpixel MODE' (with --tuned)")
+                 "'sb2 fast + tuned compile + subpixel MODE' (with --tuned) and 'sb2 fast + subpixel MODE'")
     if args.coordinate_descent and not args.tuned:
         ap.error("--coordinate-descent tunes the tuned compile: add --tuned")
     if args.only:

@@ -309,7 +309,8 @@ class TrainConfig(_Strict):
     # (the host's launches were the limit); with graphs another H100 went from 86% to 93% busy, 5% faster in one run
     # (BENCHMARKS.md). `sb2 train` under it (bench/cuda_graphs_check.py, H100): the lora scheme's student equal, bit
     # for bit, to compiled without graphs; the full scheme's weights within 3.1e-5 of eager (small by construction at
-    # lr 1e-6: the check's rel_err_of_update, not yet run on a GPU, is the sharper one). Off, as compile is (minutes of
+    # lr 1e-6); their updates from the init differ by 0.15 (H200), of the order of the lora scheme's compiled-vs-eager
+    # 8.0e-2, with no noise floor measured yet (the check's --noise-floor). Off, as compile is (minutes of
     # compilation on the first step). Refused with gradient checkpointing (its recompute calls the compiled blocks
     # inside the backward: not measured).
     cuda_graphs: bool = False
@@ -405,7 +406,7 @@ class GenerateConfig(_Strict):
     # windows: "transposed" (one stride-2 transposed convolution) or "phases" (one 2×2 convolution for the four
     # output phases, interleaved); the same images up to fp rounding, 4 instead of 9 multiply-adds per output pixel
     # (about 15% of the SD VAE decoder's arithmetic; sb2/generation/subpixel.py). Off: on an H200 neither form is
-    # faster everywhere — with compile, batch 1, "phases" 9.5% faster and "transposed" not; without compile
+    # faster everywhere — with compile (tuned), batch 1, "phases" 9.5% faster and "transposed" not; without compile
     # "transposed" 3–7% faster and "phases" 2–3% slower; batch 16 compiled, no gain (BENCHMARKS.md).
     subpixel_upsample: Literal["off", "transposed", "phases"] = "off"
 

@@ -376,7 +376,7 @@ def test_an_mps_daemon_that_does_not_quit_is_reported_not_raised(tmp_path, monke
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
     fake = tmp_path / "nvidia-cuda-mps-control"
-    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")  # exec: the process the timeout kills is the sleep itself
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert tune.stop_mps(timeout=0.5) == "not stopped: TimeoutExpired"
