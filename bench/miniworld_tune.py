@@ -63,7 +63,7 @@ def main() -> None:
                           grid_captions=4, train_seeds=(0,))  # one student a variant: a variant sets train.seed
         rec = bench.run(f"/tmp/{args.name}/out{i}", plan, device=args.device, work=f"/tmp/{args.name}/work{i}")
         scores = {lab: {k: rec["rows"][lab][k]["mean"] for k in ("fid", "precision", "recall", "clip_score",
-                                                                 "alignment")}
+                                                                 "alignment", "count") if k in rec["rows"][lab]}
                   for lab in labels if lab in rec["rows"]}
         trained = {s: rec.get("students", {}).get(s) for s in variant_students(row)}
         train_rec = trained if row == "M" else trained.get(row)  # None for the teacher

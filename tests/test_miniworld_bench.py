@@ -24,8 +24,11 @@ def test_quick_bench_writes_every_row_the_sweep_and_the_grid(tmp_path):
     assert record["students"]["A@1"]["overrides"] == ["train.seed=1"] and record["train_seeds"] == [0, 1]
     assert [r["lambda"] for r in record["sweep"]] == [0.0, 0.5, 1.0]
     for row in [*record["rows"].values(), *record["sweep"]]:
-        for key in ("fid", "precision", "recall", "clip_score", "alignment"):
+        for key in ("fid", "precision", "recall", "clip_score", "alignment", "count"):
             assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["std"]), key
+        # every statement presupposes the right number of objects: an image that matches its caption has it
+        assert all(0 <= a <= c <= 1 for a, c in zip(row["alignment"]["runs"], row["count"]["runs"]))
+    assert "right count ↑" in (out / "results.md").read_text()
     # One model in two tables is one set of scores; a merge at λ = 1 is model A (training seed 0) exactly — scored
     # here on the validation captions, as the sweep is: so A is scored there too, from the student the run saved.
     rows = record["rows"]
@@ -248,13 +251,13 @@ def test_the_validation_captions_are_other_scenes_of_the_evaluation_split(tmp_pa
     assert reference.pr_features.shape[0] == n and Path(reference.info["images"]).name == f"reference_val_{n}"
     from sb2.miniworld import judges
 
-    real, judged = judges.alignment, []
+    real, judged = judges.alignment_breakdown, []
 
-    def alignment(net, images, scenes_judged):  # the real judge, noting which scenes it judged against
+    def alignment_breakdown(net, images, scenes_judged):  # the real judge, noting which scenes it judged against
         judged.append(scenes_judged)
         return real(net, images, scenes_judged)
 
-    monkeypatch.setattr(judges, "alignment", alignment)
+    monkeypatch.setattr(judges, "alignment_breakdown", alignment_breakdown)
     gen = b.generator("turbo")
     assert b.score(gen, (0,), "validation")["fid"]["runs"] != b.score(gen, (0,))["fid"]["runs"]
     assert [world.captions(sc) for sc in judged] == [captions, b.captions]
@@ -383,3 +386,18 @@ def test_an_mps_daemon_that_does_not_quit_is_reported_not_raised(tmp_path, monke
     assert "did not quit" in capsys.readouterr().out
     fake.write_text("#!/bin/sh\ncat > /dev/null\n")  # one that reads the quit and exits
     assert tune.stop_mps(timeout=5) == "stopped"
+
+
+def test_a_record_written_before_the_count_score_still_renders(tmp_path):
+    """results.json files of earlier runs have no "count": their table shows "—" there, their plot leaves the panel
+    out, and the rows that have it show it."""
+    from sb2.miniworld.report import keys_of, plot_sweep
+
+    old, new = _row(1000, 0.7, 0.2), {**_row(900, 0.8, 0.3), "count": {"mean": 0.75, "std": 0.01}}
+    assert [k for k, _ in keys_of([old, new])] == ["fid", "precision", "recall", "clip_score", "alignment"]
+    assert [k for k, _ in keys_of([new])][-1] == "count"
+    sweep = [{"lambda": lam, **old} for lam in (0.0, 1.0)]
+    assert plot_sweep(sweep, tmp_path / "sweep.png", {"teacher, cfg 4.5": new}).is_file()
+    from sb2.miniworld import report
+
+    assert report._cell(None) == "—" and report._cell(new["count"]) == "0.75 ± 0.01"

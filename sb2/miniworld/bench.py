@@ -484,7 +484,7 @@ class Bench:
         """Scores over the noise ``seeds`` on the evaluation captions, or on the validation captions."""
         from sb2.evaluation.evaluate import protocol_metrics
         from sb2.evaluation.timing import PhaseTimer
-        from sb2.miniworld.judges import alignment
+        from sb2.miniworld.judges import alignment_breakdown
 
         if split not in ("eval", "validation"):
             raise ValueError(f"split is eval or validation, not {split!r}")
@@ -496,7 +496,10 @@ class Bench:
             collector = _Collector()
             m = protocol_metrics(gen, captions, self.judges, reference, ecfg, PhaseTimer(self.device),
                                  collector, progress=False)
-            m["alignment"] = alignment(self.attributes, torch.cat(collector.images), scenes)
+            # alignment, and the share with the right number of objects (which every statement presupposes: the
+            # one-step models' largest loss, results/miniworld/TUNING.md)
+            judged = alignment_breakdown(self.attributes, torch.cat(collector.images), scenes)
+            m["alignment"], m["count"] = judged["alignment"], judged["count"]
             runs.append(m)
         return {k: {"mean": statistics.fmean(r[k] for r in runs),
                     "std": statistics.pstdev([r[k] for r in runs]) if len(runs) > 1 else 0.0,

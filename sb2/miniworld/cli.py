@@ -193,6 +193,6 @@ def demo(
     typer.echo("")
     typer.echo(f"{'model':<36}" + "".join(f"{h:>14}" for _, h in KEYS))
     for label, r in record["rows"].items():
-        typer.echo(f"{label:<36}" + "".join(f"{r[k]['mean']:>14.4g}" for k, _ in KEYS))
+        typer.echo(f"{label:<36}" + "".join(f"{r[k]['mean']:>14.4g}" if k in r else f"{'—':>14}" for k, _ in KEYS))
     typer.echo(f"\n{record['seconds']['total']:.0f} s. Table: {out / 'results.md'}; teacher vs students: "
                f"{out / 'samples.png'} (captions in samples.txt)")

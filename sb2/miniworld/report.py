@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 KEYS = (("fid", "FID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"), ("clip_score", "CLIP ↑"),
-        ("alignment", "alignment ↑"))
+        ("alignment", "alignment ↑"), ("count", "right count ↑"))
+# "count" (the share of images with as many objects as the caption names) was added after results of earlier runs
+# were written: a record without it shows "—" there and leaves its plot panel out.
 
 
 def _several_seeds(record_or_row: dict) -> bool:
@@ -16,8 +18,14 @@ def _several_seeds(record_or_row: dict) -> bool:
     return len(record_or_row.get("train_seeds") or [0]) > 1
 
 
-def _cell(m: dict) -> str:
-    return f"{m['mean']:.4g} ± {m['std']:.2g}"
+def _cell(m: dict | None) -> str:
+    return "—" if m is None else f"{m['mean']:.4g} ± {m['std']:.2g}"
+
+
+def keys_of(rows) -> tuple[tuple[str, str], ...]:
+    """The KEYS that every one of ``rows`` (score dicts) has: the plot's panels."""
+    rows = list(rows)
+    return tuple((k, h) for k, h in KEYS if all(k in r for r in rows))
 
 
 def results_markdown(record: dict) -> str:
@@ -59,7 +67,7 @@ def results_markdown(record: dict) -> str:
             " ‡" if _several_seeds(r) or r.get("failed_train_seeds") else "") + (
             f" (training seeds {r['train_seeds']} only; {', '.join(r['failed_train_seeds'])} failed to train)"
             if r.get("failed_train_seeds") else "")
-        lines.append(f"| {name} | " + " | ".join(_cell(rows[label][k]) for k, _ in KEYS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(rows[label].get(k)) for k, _ in KEYS) + " |")
     if record["sweep"]:
         lines += ["", "## λ sweep: θ = λ·θ_A + (1 − λ)·θ_B (A = full VSD, B = LoRA + clamped CLIP + schedule)", "",
                   (f"Noise seeds {record['sweep_seeds']}"
@@ -68,7 +76,7 @@ def results_markdown(record: dict) -> str:
                    + " λ = 0.5 is fixed in advance."), "",
                   "| λ | " + " | ".join(h for _, h in KEYS) + " |", "| --- |" + " --- |" * len(KEYS)]
         for r in record["sweep"]:
-            lines.append(f"| {r['lambda']:.1f} | " + " | ".join(_cell(r[k]) for k, _ in KEYS) + " |")
+            lines.append(f"| {r['lambda']:.1f} | " + " | ".join(_cell(r.get(k)) for k, _ in KEYS) + " |")
     if record["skipped"]:
         lines += ["", f"Not run (past the time budget): {', '.join(record['skipped'])}."]
     for label, error in record.get("failed", {}).items():
@@ -120,20 +128,21 @@ def _sweep_split_note(record: dict) -> str:
 
 
 def plot_sweep(sweep: list[dict], path: Path, rows: dict, split: str = "eval") -> Path:
-    """FID, precision, recall, CLIP and alignment against λ (mean ± std), the teacher at cfg 4.5 and the Turbo analog
-    as horizontal lines (paper Figs. 3, 7)."""
+    """FID, precision, recall, CLIP, alignment and right count against λ (mean ± std), the teacher at cfg 4.5 and
+    the Turbo analog as horizontal lines (paper Figs. 3, 7); a score the sweep's records lack gets no panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.6))
+    keys = keys_of(sweep)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
     lams = [r["lambda"] for r in sweep]
-    for ax, (key, title) in zip(axes, KEYS):
+    for ax, (key, title) in zip(axes, keys):
         ax.errorbar(lams, [r[key]["mean"] for r in sweep], yerr=[r[key]["std"] for r in sweep], marker="o",
                     capsize=3, label="merged A+B")
         for label, style in (("teacher, cfg 4.5", "--"), ("Turbo analog (1 step)", ":")):
-            if label in rows:
+            if label in rows and key in rows[label]:
                 ax.axhline(rows[label][key]["mean"], color="gray", linestyle=style, linewidth=1, label=label)
         ax.set_title(title)
         ax.set_xlabel("λ  (θ = λ·θ_A + (1−λ)·θ_B)")
