@@ -73,7 +73,10 @@ class VSDConfig(_Strict):
     lora_guidance_scale: float = Field(1.0, ge=0.0)
     t_min: float = Field(0.02, ge=0.0, le=1.0)
     t_max: float = Field(0.98, ge=0.0, le=1.0)
-    weighting: Literal["one_minus_alpha_bar", "constant", "snr_inverse"] = "one_minus_alpha_bar"
+    # w(t) of eq. (4): SwiftBrush's 1 − ᾱ_t; "dmd" is DMD's per-sample normalization (σ_t/α_t over the mean |x0 − x̂0|
+    # of the teacher's estimate: sb2.distill.vsd.dmd_weight). In the mini-world a constant weighting was worse
+    # (results/miniworld/TUNING.md, eleventh round); "dmd" is not measured there yet.
+    weighting: Literal["one_minus_alpha_bar", "constant", "snr_inverse", "dmd"] = "one_minus_alpha_bar"
     # "mean" as SwiftBrush (gradient divided by the number of latent elements); "sum" gives w(t)(eps_t - eps_l) per
     # sample exactly.
     reduction: Literal["mean", "sum"] = "mean"

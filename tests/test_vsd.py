@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from sb2.distill.vsd import add_noise, diffusion_loss, guided, predict_x0, sample_timesteps, vsd_loss, vsd_weight
+from sb2.distill.vsd import (add_noise, diffusion_loss, dmd_weight, guided, predict_x0, sample_timesteps, vsd_loss,
+                             vsd_weight)
 
 
 def sd_alphas_cumprod():
@@ -86,6 +87,51 @@ def test_vsd_gradient_on_x0_is_w_times_score_difference():
     loss, _ = vsd_loss(x0, et, el, w, reduction="mean")
     loss.backward()
     torch.testing.assert_close(x0.grad, expected / 2 / (4 * 8 * 8))
+
+
+def test_dmd_weight_by_hand_and_as_dmds_x0_space_gradient():
+    """One sample by hand: ᾱ = 0.64 (α 0.8, σ 0.6), x0 = (1, 3), x_t = (2, 2), ε̂_teacher = (1, −1): x̂0_real =
+    ((2 − 0.6)/0.8, (2 + 0.6)/0.8) = (1.75, 3.25), mean|x0 − x̂0_real| = 0.5, w = (0.6/0.8)/0.5 = 1.5. Then, on random
+    tensors, the VSD gradient with it is DMD's (x̂0_fake − x̂0_real)/mean|x0 − x̂0_real|, computed from the two x̂0."""
+    ac = torch.tensor([0.64], dtype=torch.float64)
+    t = torch.tensor([0])
+    w = dmd_weight(ac, t, torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, -1.0]]))
+    assert w.shape == (1,) and w.item() == pytest.approx(1.5)
+    ac = sd_alphas_cumprod()
+    t = torch.tensor([30, 500, 970])
+    x0 = torch.randn(3, 4, 8, 8, requires_grad=True)
+    x_t = add_noise(x0.detach(), torch.randn(3, 4, 8, 8), ac, t)
+    et, el = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    w = dmd_weight(ac, t, x0, x_t, et)
+    assert not w.requires_grad  # a weight, not a path for gradients
+    _, g = vsd_loss(x0, et, el, w, reduction="sum")
+    real, fake = predict_x0(et, x_t, ac, t), predict_x0(el, x_t, ac, t)
+    dmd = (fake - real) / (x0.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(g, dmd, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="use dmd_weight"):
+        vsd_weight(ac, t, "dmd")
+
+
+def test_the_dmd_weighting_is_what_the_student_step_uses(tiny_cfg):
+    """vsd.weighting=dmd reaches the training step: one step's VSD loss differs from the default weighting's on the
+    same draws (and is finite)."""
+    from contextlib import nullcontext
+
+    from sb2.student import encode_prompts
+    from sb2.train.steps import build_models, student_step
+
+    torch.manual_seed(0)
+    m = build_models(tiny_cfg, "full", "cpu")
+    prompts = ["a corgi puppy, bokeh", "a sailboat at night"]
+    emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
+    null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
+    losses = {}
+    for kind in ("one_minus_alpha_bar", "dmd"):
+        cfg = tiny_cfg.model_copy(deep=True)
+        cfg.vsd.weighting = kind
+        torch.manual_seed(1)  # the same z, t and noise for both
+        losses[kind] = student_step(m, cfg, emb, null, prompts, 0, nullcontext).logs["loss/vsd"].item()
+    assert math.isfinite(losses["dmd"]) and losses["dmd"] != pytest.approx(losses["one_minus_alpha_bar"], rel=1e-3)
 
 
 def test_vsd_gradient_reaches_student_parameters_as_vector_jacobian_product(tiny_world):

@@ -66,7 +66,25 @@ def vsd_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, kind: str = "one_m
         return torch.ones_like(a_bar)
     if kind == "snr_inverse":
         return (1.0 - a_bar) / a_bar
+    if kind == "dmd":
+        raise ValueError("the 'dmd' weighting depends on the sample: use dmd_weight")
     raise ValueError(f"unknown VSD weighting {kind!r}")
+
+
+def dmd_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+               eps_teacher: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample normalization (Yin et al. 2024; DMD2) as a weight w of eq. (4).
+
+    DMD's x0-space gradient (x̂0_fake − x̂0_real) / mean|x0 − x̂0_real| equals w·(ε̂_teacher − ε̂_lora) with
+    w = (σ_t / α_t) / mean|x0 − x̂0_real|, since x̂0 = (x_t − σ_t ε̂) / α_t for both scores at the same x_t. x̂0_real is
+    the guided teacher's estimate; the mean is over each sample's elements. Detached (a weight, not a path for
+    gradients); a sample whose estimate equals x0 exactly gets the floor 1e-12 instead of a division by zero.
+    """
+    a, s = alpha_sigma(alphas_cumprod, t)
+    x0 = _atleast_f32(x0.detach())
+    x0_real = predict_x0(eps_teacher.detach().to(x0.dtype), x_t.detach().to(x0.dtype), alphas_cumprod, t)
+    norm = (x0 - x0_real).abs().flatten(1).mean(1).clamp_min(1e-12)
+    return (s / a).to(norm.dtype) / norm
 
 
 def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from sb2.config import Config
 from sb2.distill.clip_loss import scheduled_weight
 from sb2.distill.regularization import latent_regression_loss, perceptual_regression_loss, student_input_for_real
 from sb2.distill.reward import ClipReward, ModuleReward, RewardScorer, clamped_reward_loss
-from sb2.distill.vsd import add_noise, diffusion_loss, guided, sample_timesteps, vsd_loss, vsd_weight
+from sb2.distill.vsd import add_noise, diffusion_loss, dmd_weight, guided, sample_timesteps, vsd_loss, vsd_weight
 from sb2.models.loading import load_clip, load_perceptual_net, load_teacher, load_tiny_vae, load_unet
 from sb2.models.lora import add_lora
 from sb2.student import decode, encode_prompts, latent_shape, student_x0
@@ -388,7 +388,8 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
             eps_teacher, eps_lora = teacher_predictions(m.teacher_unet, x_t.to(dt or x_t.dtype), t,
                                                         emb.to(dt or emb.dtype), null_emb.to(dt or null_emb.dtype),
                                                         cfg)
-    w = vsd_weight(m.alphas_cumprod, t, cfg.vsd.weighting)
+    w = dmd_weight(m.alphas_cumprod, t, x0, x_t, eps_teacher) if cfg.vsd.weighting == "dmd" \
+        else vsd_weight(m.alphas_cumprod, t, cfg.vsd.weighting)
     loss_vsd, _ = vsd_loss(x0, eps_teacher, eps_lora, w, cfg.vsd.reduction)
     loss = loss_vsd
     logs: dict[str, Log] = {"loss/vsd": loss_vsd.detach()}
