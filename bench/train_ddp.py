@@ -15,13 +15,18 @@ DDP settings: 25 MB buckets, no views, no static graph, no hook) or a comma-sepa
     static        train.ddp.static_graph=true
     fp16 | bf16   train.ddp.comm_hook=fp16 | bf16 (gradients all-reduced in 16 bits: lossy)
     KEY=VALUE     any other override, e.g. train.ddp.bucket_cap_mb=50
-A variant whose predicted end (the previous run's wall time from now) falls after ``--budget-s`` is skipped, a run
+A run whose predicted end (1.3 × the previous run's wall time from now) falls after ``--budget-s`` is skipped, a run
 still going at the budget is stopped, and one that fails is recorded and the next one runs; the JSON is rewritten
 after every run, so whatever was measured survives the command being cut off.
 
     python bench/train_ddp.py [--gpus 2] [--steps 40] [--batch 16] [--variants default ...] [--budget-s 540]
     python bench/train_ddp.py --baseline bench/results/train_ddp_h200x2.json --variants ...  # reuse a 1-process run
     python bench/train_ddp.py --tiny [--variants ...]   # CPU smoke test: tiny models, gloo, 2 processes
+    python bench/train_ddp.py --steps 30 --rounds 2 --budget-s 555   # 1, 2, 1, 2 processes: efficiency per round
+
+``--rounds R`` alternates the 1-process run and the variants R times, so that each efficiency is against a 1-process
+run minutes apart on the same machine: on 2 × H200 one 1-process and one 2-process run in sequence moved the
+efficiency by ±8% from one pair to the next (BENCHMARKS.md), which a single pair cannot tell from the lever.
 
 Under --tiny the comm hooks run over gloo, which all-reduces fp16 and bf16 tensors in torch 2.14; with a torch whose
 gloo does not, that variant fails with gloo's message and the next one runs.
@@ -154,7 +159,14 @@ def main() -> None:
     ap.add_argument("--baseline", default=None,
                     help="a train_ddp.json of an earlier call on the same card: its 1-process run is the baseline")
     ap.add_argument("--only-many", action="store_true", help="skip the 1-process baseline (smoke tests only)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat [1 process, each variant] this many times; each variant's efficiency is against the "
+                         "1-process run of its own round, and the JSON holds every round's and their median")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if args.rounds > 1 and (args.baseline or args.only_many):
+        ap.error("--rounds measures a 1-process run in every round: not with --baseline or --only-many")
     t_start = time.perf_counter()
     variants = [(spec, variant_overrides(spec)) for spec in args.variants]
     work = Path(args.work)
@@ -175,56 +187,78 @@ def main() -> None:
     def left() -> float | None:
         return None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
 
-    baseline, runs = None, []
+    baselines, runs = [], []
 
     def report() -> None:
         if not os.environ.get("OUT"):
             return
-        eff = {r["variant"]: r["scaling_efficiency"] for r in runs if "scaling_efficiency" in r}
+        by_round: dict[str, list[float]] = {}
+        for r in runs:
+            if "scaling_efficiency" in r:
+                by_round.setdefault(r["variant"], []).append(r["scaling_efficiency"])
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "train_ddp.json").write_text(json.dumps(
-            {"card": card, "runs": ([baseline] if baseline else []) + runs, "scaling_efficiency": eff}, indent=2))
+            {"card": card, "rounds": args.rounds, "runs": baselines + runs,
+             "scaling_efficiency": {v: statistics.median(e) for v, e in by_round.items()},
+             "scaling_efficiency_by_round": by_round}, indent=2))
 
-    if args.baseline:
-        baseline = next(r for r in json.loads(Path(args.baseline).read_text())["runs"] if r["processes"] == 1)
-        baseline = {**baseline, "from": args.baseline}
-        print(f"1 process: {baseline['samples_per_s']:.1f} samples/s, from {args.baseline} (same card?)")
-    elif not args.only_many:
-        out = work / "run-1"
-        subprocess.run(["rm", "-rf", str(out)], check=False)
-        baseline = run(1, args, teacher, student, prompts, out, [], left())
-        if "error" in baseline:
-            raise SystemExit(f"1 process: sb2 train failed ({baseline['error']})")
-        print(f"1 process: {baseline['samples_per_s']:.1f} samples/s (windows "
-              f"{[round(x, 1) for x in baseline['windows']]}), wall {baseline['wall_s']:.0f} s", flush=True)
-        report()
-    estimate = 1.3 * baseline["wall_s"] if baseline and "from" not in baseline else None
-    for spec, sets in variants:
+    estimate = None  # the last run's wall time: what the next one is predicted to take
+
+    def fits(what: str) -> bool:
         remaining = left()
-        if remaining is not None and (remaining <= 0 or (estimate is not None and estimate > remaining)):
-            need = f", predicted {estimate:.0f} s" if estimate is not None else ""
-            print(f"{args.gpus} processes [{spec}]: skipped, {max(remaining, 0):.0f} s of --budget-s left{need}",
-                  flush=True)
-            runs.append({"variant": spec, "processes": args.gpus, "overrides": sets, "skipped": "budget"})
+        if remaining is not None and (remaining <= 0 or (estimate is not None and 1.3 * estimate > remaining)):
+            need = f", predicted {1.3 * estimate:.0f} s" if estimate is not None else ""
+            print(f"{what}: skipped, {max(remaining, 0):.0f} s of --budget-s left{need}", flush=True)
+            return False
+        return True
+
+    for rnd in range(args.rounds):
+        tag = f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""
+        baseline = None
+        if args.baseline:
+            baseline = next(r for r in json.loads(Path(args.baseline).read_text())["runs"] if r["processes"] == 1)
+            baseline = {**baseline, "from": args.baseline}
+            baselines.append(baseline)
+            print(f"1 process: {baseline['samples_per_s']:.1f} samples/s, from {args.baseline} (same card?)")
+        elif not args.only_many:
+            if not fits(f"1 process{tag}"):
+                break
+            out = work / f"run-1-{rnd}"
+            subprocess.run(["rm", "-rf", str(out)], check=False)
+            baseline = {**run(1, args, teacher, student, prompts, out, [], left()), "round": rnd}
+            if "error" in baseline:
+                raise SystemExit(f"1 process{tag}: sb2 train failed ({baseline['error']})")
+            estimate = baseline["wall_s"]
+            baselines.append(baseline)
+            print(f"1 process{tag}: {baseline['samples_per_s']:.1f} samples/s (windows "
+                  f"{[round(x, 1) for x in baseline['windows']]}), wall {baseline['wall_s']:.0f} s", flush=True)
             report()
-            continue
-        out = work / f"run-{args.gpus}-{len(runs)}"
-        subprocess.run(["rm", "-rf", str(out)], check=False)
-        r = {"variant": spec, **run(args.gpus, args, teacher, student, prompts, out, sets, remaining)}
-        estimate = r["wall_s"] if "error" not in r else estimate
-        if "error" in r:
-            print(f"{args.gpus} processes [{spec}]: failed ({r['error']}); going on with the next variant", flush=True)
-        else:
-            if baseline:
-                r["scaling_efficiency"] = r["samples_per_s"] / (args.gpus * baseline["samples_per_s"])
-            print(f"{args.gpus} processes [{spec}]: {r['samples_per_s']:.1f} samples/s (windows "
-                  f"{[round(x, 1) for x in r['windows']]}), wall {r['wall_s']:.0f} s", flush=True)
-        runs.append(r)
-        report()
+        for spec, sets in variants:
+            if not fits(f"{args.gpus} processes [{spec}]{tag}"):
+                runs.append({"variant": spec, "processes": args.gpus, "overrides": sets, "skipped": "budget",
+                             "round": rnd})
+                report()
+                continue
+            out = work / f"run-{args.gpus}-{len(runs)}"
+            subprocess.run(["rm", "-rf", str(out)], check=False)
+            r = {"variant": spec, **run(args.gpus, args, teacher, student, prompts, out, sets, left()), "round": rnd}
+            estimate = r["wall_s"] if "error" not in r else estimate
+            if "error" in r:
+                print(f"{args.gpus} processes [{spec}]{tag}: failed ({r['error']}); going on with the next variant",
+                      flush=True)
+            else:
+                if baseline:  # against the 1-process run of the same round, just before it
+                    r["scaling_efficiency"] = r["samples_per_s"] / (args.gpus * baseline["samples_per_s"])
+                print(f"{args.gpus} processes [{spec}]{tag}: {r['samples_per_s']:.1f} samples/s (windows "
+                      f"{[round(x, 1) for x in r['windows']]}), wall {r['wall_s']:.0f} s", flush=True)
+            runs.append(r)
+            report()
 
     print(f"\ncard: {card}; batch {args.batch} per process, full scheme, eager, bf16 on GPUs; total "
           f"{time.perf_counter() - t_start:.0f} s")
-    if baseline:
-        print(f"1 process: {baseline['samples_per_s']:.1f} samples/s")
+    for b in baselines:
+        print(f"1 process{'' if args.rounds == 1 else ', round ' + str(b.get('round', 0) + 1)}: "
+              f"{b['samples_per_s']:.1f} samples/s")
     print(f"| variant ({args.gpus} processes) | overrides | samples/s | scaling efficiency | wall s |")
     print("| --- | --- | --- | --- | --- |")
     for r in runs:
@@ -232,7 +266,8 @@ def main() -> None:
                 f"{r['samples_per_s']:.1f} | –" if "samples_per_s" in r else
                 f"{'skipped (budget)' if 'skipped' in r else 'failed: ' + r['error']} | –")
         wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "–"
-        print(f"| {r['variant']} | {' '.join(r['overrides']) or '(defaults)'} | {what} | {wall} |")
+        name = r["variant"] + (f" (round {r['round'] + 1})" if args.rounds > 1 else "")
+        print(f"| {name} | {' '.join(r['overrides']) or '(defaults)'} | {what} | {wall} |")
 
 
 if __name__ == "__main__":
