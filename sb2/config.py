@@ -126,6 +126,12 @@ class ClipLossConfig(_Strict):
     weight: float = Field(0.1, ge=0.0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     end_weight: float = Field(0.0, ge=0.0)
+    # What decodes x̂0 for the CLIP loss and every other reward term (decoded once): the TinyVAE, as the paper (cheap
+    # at 512 px), or the full VAE decoder, whose images are the ones generation and evaluation show (exact, and for SD
+    # far costlier in time and memory). In the mini-world the TinyVAE is a poor stand-in (PSNR 19 dB against the VAE's
+    # 30): gradient ascent of the CLIP cosine through it leaves the VAE's images' cosine unchanged, through the VAE it
+    # raises it (results/miniworld/TUNING.md).
+    decoder: Literal["tiny_vae", "vae"] = "tiny_vae"
 
 
 class BadInputConfig(_Strict):

@@ -77,3 +77,38 @@ def test_inactive_clamp_passes_no_gradient(tiny_cfg):
     assert logs1["loss/clip"] == 0.0  # cos > τ for every sample
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_clip_loss_through_the_full_vae_decoder(tiny_cfg):
+    """clip_loss.decoder=vae: no TinyVAE is loaded; the logged cosine and loss are those of the CLIP on the full VAE's
+    decoding of x̂0, computed here by hand from the same x̂0; the gradient reaches the student's LoRA and no VAE,
+    CLIP or teacher weight."""
+    from contextlib import nullcontext
+
+    from sb2.distill.clip_loss import clip_preprocess
+    from sb2.student import decode, encode_prompts
+    from sb2.train.steps import build_models, student_step
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.clip_loss.decoder = "vae"
+    cfg.clip_loss.tau, cfg.clip_loss.weight, cfg.clip_loss.schedule = 1.0, 0.5, "constant"
+    torch.manual_seed(0)
+    m = build_models(cfg, "lora", "cpu")
+    assert m.tiny_vae is None and m.vae is not None
+    prompts = ["a red fox at sunset", "a lighthouse in the rain"]
+    emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
+    null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
+    torch.manual_seed(1)
+    loss, x0, logs, _ = student_step(m, cfg, emb, null, prompts, 0, nullcontext)
+    loss.backward()
+    with torch.no_grad():
+        s = m.clip
+        img = torch.nn.functional.normalize(s.encode_image(clip_preprocess(decode(m.vae, x0), s.image_size, s.mean,
+                                                                           s.std)), dim=-1)
+        txt = torch.nn.functional.normalize(s.encode_text(prompts, "cpu"), dim=-1)
+        cos = (img * txt).sum(-1)
+    torch.testing.assert_close(logs["clip/cos"], cos.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["loss/clip"], torch.relu(1.0 - cos).mean(), rtol=1e-5, atol=1e-6)
+    assert sum(p.grad.abs().sum().item() for p in m.student_params) > 0
+    for mod in (m.vae, m.clip.model, m.text_encoder, m.teacher_unet):
+        assert all(p.grad is None for p in mod.parameters())

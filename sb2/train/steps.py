@@ -103,8 +103,10 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
     student.train()
     m = Models(student, student_params, teacher.unet, lora_params, teacher.text_encoder, teacher.tokenizer,
                teacher.vae, teacher.alphas_cumprod.to(device), teacher.num_train_timesteps)
+    rewards_on_tiny = cfg.clip_loss.decoder == "tiny_vae"
     if scheme == "lora" and cfg.clip_loss.enabled:
-        m.tiny_vae = load_tiny_vae(cfg.models.tiny_vae, cfg.models, weight_dtype, device)
+        if rewards_on_tiny:
+            m.tiny_vae = load_tiny_vae(cfg.models.tiny_vae, cfg.models, weight_dtype, device)
         m.clip = load_clip(cfg.models.clip, device=device, dtype=weight_dtype)
         m.rewards.append(RewardTerm("clip", ClipReward(m.clip)))
     m.rewards += build_rewards(cfg, scheme, device, weight_dtype)
@@ -112,7 +114,7 @@ def build_models(cfg: Config, scheme: Scheme, device, weight_dtype=torch.float32
     perceptual = rc.enabled and rc.distance == "lpips"
     if perceptual:
         m.perceptual_net = load_perceptual_net(rc.perceptual_net, device)
-    if m.tiny_vae is None and (m.rewards or (perceptual and rc.decoder == "tiny_vae")):
+    if m.tiny_vae is None and ((m.rewards and rewards_on_tiny) or (perceptual and rc.decoder == "tiny_vae")):
         m.tiny_vae = load_tiny_vae(cfg.models.tiny_vae, cfg.models, weight_dtype, device)
     return m
 
@@ -402,11 +404,13 @@ def student_step(m: Models, cfg: Config, emb: torch.Tensor, null_emb: torch.Tens
 
 def reward_losses(m: Models, cfg: Config, x0: torch.Tensor, prompts: list[str], step: int, autocast,
                   logs: dict[str, Log]) -> torch.Tensor:
-    """Σ w_k(step)·max(0, τ_k − r_k(D(x̂0), y)) over the reward terms, D the TinyVAE decoder (decoded once). The
+    """Σ w_k(step)·max(0, τ_k − r_k(D(x̂0), y)) over the reward terms, D the TinyVAE decoder or, with
+    ``clip_loss.decoder=vae``, the full VAE decoder (decoded once). The
     clamped CLIP loss logs as before (``loss/clip``, ``clip/weight``, ``clip/cos``), the others as
     ``loss/reward/<name>``, ``reward/<name>/weight`` and ``reward/<name>/mean``."""
+    decoder = m.vae if cfg.clip_loss.decoder == "vae" else m.tiny_vae
     with autocast():
-        images = decode(m.tiny_vae, x0.to(m.tiny_vae.dtype))
+        images = decode(decoder, x0.to(decoder.dtype))
     total = None
     for term in m.rewards:
         s = term.settings(cfg)
