@@ -54,3 +54,21 @@ def test_the_probe_runs_on_the_committed_clip_models(tmp_path):
     for res in rec["results"].values():
         assert all(0.0 <= res[k]["true_above"] <= 1.0 and res[k]["scenes"] > 0 for k in rec["kinds"])
         assert res["count - 1"]["true_above"] > 0.8  # both CLIPs tell one object fewer on real images
+
+
+def test_the_ascent_moves_the_latents_and_judges_them_at_the_asked_steps(tmp_path):
+    """bench/miniworld_clip_ascent.py on the committed world, 8 captions, 3 steps through each decoder: the rows
+    come at the asked steps, step 0 is the Turbo analog itself (no change), the latents move after it, and the
+    cosine the loss pushes rises."""
+    for decoder, key in (("tiny_vae", "cos_loss_tiny"), ("vae", "cos_loss_vae")):
+        out = tmp_path / decoder
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "miniworld_clip_ascent.py"), "--captions", "8",
+                            "--steps", "3", "--at", "0", "3", "--decoder", decoder], cwd=ROOT,
+                           env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=600,
+                           check=False)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rec = json.loads((out / "clip_ascent.json").read_text())
+        first, last = rec["rows"]
+        assert (first["step"], last["step"]) == (0, 3) and rec["decoder"] == decoder
+        assert first["latent_change"] == 0.0 and first["wrong_to_right"] == 0.0 and last["latent_change"] > 0
+        assert last[key] > first[key]
