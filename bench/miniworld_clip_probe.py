@@ -34,7 +34,9 @@ KINDS = ("count - 1", "count + 1", "shape", "color", "position", "size", "backgr
 
 def counterfactual(scenes: world.Scenes, kind: str, rng: np.random.Generator) -> tuple[world.Scenes, np.ndarray]:
     """A copy of ``scenes`` with one statement of each caption made false by ``kind``, and which scenes it applies to
-    (a scene whose caption does not state that kind, or has no room for it, is left out)."""
+    (a scene whose caption does not state that kind, or has no room for it, is left out). Rarely the changed phrase
+    stays true of the image, when another object of that shape has the new attribute unstated. "count + 1" adds a
+    bare "a <shape>" phrase and "count − 1" drops the last phrase, so those two also change the caption's form."""
     s = copy.deepcopy(scenes)
     n, ok = len(s), np.zeros(len(s), bool)
     for i in range(n):

@@ -24,9 +24,10 @@ after every run, so whatever was measured survives the command being cut off.
     python bench/train_ddp.py --tiny [--variants ...]   # CPU smoke test: tiny models, gloo, 2 processes
     python bench/train_ddp.py --steps 30 --rounds 2 --budget-s 555   # 1, 2, 1, 2 processes: efficiency per round
 
-``--rounds R`` alternates the 1-process run and the variants R times, so that each efficiency is against a 1-process
-run minutes apart on the same machine: on 2 × H200 one 1-process and one 2-process run in sequence moved the
-efficiency by ±8% from one pair to the next (BENCHMARKS.md), which a single pair cannot tell from the lever.
+``--rounds R`` alternates the 1-process run and the variants R times — 1, N, N, 1, 1, N, … — so that each efficiency
+is against a 1-process run minutes apart on the same machine (and a drift within a pair of rounds falls on both): on
+2 × H200 one 1-process and one 2-process run in sequence moved the efficiency by ±8% from one pair to the next
+(BENCHMARKS.md), which a single pair cannot tell from the lever.
 
 Under --tiny the comm hooks run over gloo, which all-reduces fp16 and bf16 tensors in torch 2.14; with a torch whose
 gloo does not, that variant fails with gloo's message and the next one runs.
@@ -187,19 +188,19 @@ def main() -> None:
     def left() -> float | None:
         return None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
 
-    baselines, runs = [], []
+    baselines, runs, done = [], [], [0]
 
     def report() -> None:
         if not os.environ.get("OUT"):
             return
-        by_round: dict[str, list[float]] = {}
+        by_round: dict[str, dict[str, float]] = {}
         for r in runs:
             if "scaling_efficiency" in r:
-                by_round.setdefault(r["variant"], []).append(r["scaling_efficiency"])
+                by_round.setdefault(r["variant"], {})[str(r["round"])] = r["scaling_efficiency"]
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "train_ddp.json").write_text(json.dumps(
-            {"card": card, "rounds": args.rounds, "runs": baselines + runs,
-             "scaling_efficiency": {v: statistics.median(e) for v, e in by_round.items()},
+            {"card": card, "rounds": args.rounds, "rounds_done": done[0], "runs": baselines + runs,
+             "scaling_efficiency": {v: statistics.median(e.values()) for v, e in by_round.items()},
              "scaling_efficiency_by_round": by_round}, indent=2))
 
     estimate = None  # the last run's wall time: what the next one is predicted to take
@@ -214,45 +215,64 @@ def main() -> None:
 
     for rnd in range(args.rounds):
         tag = f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""
-        baseline = None
-        if args.baseline:
-            baseline = next(r for r in json.loads(Path(args.baseline).read_text())["runs"] if r["processes"] == 1)
-            baseline = {**baseline, "from": args.baseline}
-            baselines.append(baseline)
-            print(f"1 process: {baseline['samples_per_s']:.1f} samples/s, from {args.baseline} (same card?)")
-        elif not args.only_many:
-            if not fits(f"1 process{tag}"):
-                break
-            out = work / f"run-1-{rnd}"
-            subprocess.run(["rm", "-rf", str(out)], check=False)
-            baseline = {**run(1, args, teacher, student, prompts, out, [], left()), "round": rnd}
-            if "error" in baseline:
-                raise SystemExit(f"1 process{tag}: sb2 train failed ({baseline['error']})")
-            estimate = baseline["wall_s"]
-            baselines.append(baseline)
-            print(f"1 process{tag}: {baseline['samples_per_s']:.1f} samples/s (windows "
-                  f"{[round(x, 1) for x in baseline['windows']]}), wall {baseline['wall_s']:.0f} s", flush=True)
-            report()
-        for spec, sets in variants:
-            if not fits(f"{args.gpus} processes [{spec}]{tag}"):
-                runs.append({"variant": spec, "processes": args.gpus, "overrides": sets, "skipped": "budget",
-                             "round": rnd})
-                report()
+        baseline, mine, stop = None, [], False
+        # 1 process first in even rounds, last in odd ones (1, N, N, 1, ...): a drift of the machine within a pair
+        # of rounds falls on both sides alike
+        for part in ("one", "many") if rnd % 2 == 0 else ("many", "one"):
+            if part == "one":
+                if args.baseline:
+                    baseline = next(r for r in json.loads(Path(args.baseline).read_text())["runs"]
+                                    if r["processes"] == 1)
+                    baseline = {**baseline, "from": args.baseline}
+                    baselines.append(baseline)
+                    print(f"1 process: {baseline['samples_per_s']:.1f} samples/s, from {args.baseline} (same card?)")
+                elif not args.only_many:
+                    if not fits(f"1 process{tag}"):
+                        stop = True
+                        continue
+                    out = work / f"run-1-{rnd}"
+                    subprocess.run(["rm", "-rf", str(out)], check=False)
+                    one = {**run(1, args, teacher, student, prompts, out, [], left()), "round": rnd}
+                    baselines.append(one)
+                    if "error" in one:
+                        if rnd == 0:
+                            raise SystemExit(f"1 process{tag}: sb2 train failed ({one['error']})")
+                        print(f"1 process{tag}: failed ({one['error']}); this round has no efficiency", flush=True)
+                        stop = True
+                        continue
+                    baseline, estimate = one, one["wall_s"]
+                    print(f"1 process{tag}: {one['samples_per_s']:.1f} samples/s (windows "
+                          f"{[round(x, 1) for x in one['windows']]}), wall {one['wall_s']:.0f} s", flush=True)
+                    report()
                 continue
-            out = work / f"run-{args.gpus}-{len(runs)}"
-            subprocess.run(["rm", "-rf", str(out)], check=False)
-            r = {"variant": spec, **run(args.gpus, args, teacher, student, prompts, out, sets, left()), "round": rnd}
-            estimate = r["wall_s"] if "error" not in r else estimate
-            if "error" in r:
-                print(f"{args.gpus} processes [{spec}]{tag}: failed ({r['error']}); going on with the next variant",
-                      flush=True)
-            else:
-                if baseline:  # against the 1-process run of the same round, just before it
+            for spec, sets in variants:
+                if not fits(f"{args.gpus} processes [{spec}]{tag}"):
+                    runs.append({"variant": spec, "processes": args.gpus, "overrides": sets, "skipped": "budget",
+                                 "round": rnd})
+                    report()
+                    continue
+                out = work / f"run-{args.gpus}-{len(runs)}"
+                subprocess.run(["rm", "-rf", str(out)], check=False)
+                r = {"variant": spec, **run(args.gpus, args, teacher, student, prompts, out, sets, left()),
+                     "round": rnd}
+                estimate = r["wall_s"] if "error" not in r else estimate
+                if "error" in r:
+                    print(f"{args.gpus} processes [{spec}]{tag}: failed ({r['error']}); going on with the next "
+                          "variant", flush=True)
+                else:
+                    print(f"{args.gpus} processes [{spec}]{tag}: {r['samples_per_s']:.1f} samples/s (windows "
+                          f"{[round(x, 1) for x in r['windows']]}), wall {r['wall_s']:.0f} s", flush=True)
+                runs.append(r)
+                mine.append(r)
+                report()
+        if baseline:  # against the 1-process run of the same round
+            for r in mine:
+                if "samples_per_s" in r:
                     r["scaling_efficiency"] = r["samples_per_s"] / (args.gpus * baseline["samples_per_s"])
-                print(f"{args.gpus} processes [{spec}]{tag}: {r['samples_per_s']:.1f} samples/s (windows "
-                      f"{[round(x, 1) for x in r['windows']]}), wall {r['wall_s']:.0f} s", flush=True)
-            runs.append(r)
-            report()
+        done[0] = rnd + 1
+        report()
+        if stop:
+            break
 
     print(f"\ncard: {card}; batch {args.batch} per process, full scheme, eager, bf16 on GPUs; total "
           f"{time.perf_counter() - t_start:.0f} s")

@@ -1,6 +1,7 @@
 """bench/miniworld_clip_probe.py: its counterfactual captions make exactly one statement false, and the script runs
 on the committed CLIP models."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -43,6 +44,16 @@ def test_each_counterfactual_changes_its_kind_only_and_the_caption_says_so():
             assert not np.array_equal(getattr(cf, field)[i], getattr(scenes, field)[i])
             assert cf.count[i] == scenes.count[i]
         assert np.array_equal(scenes.count, world.sample_scenes(0, "eval", 256).count)  # the input is not changed
+        # nothing else of a scene changes: only the fields of its kind, and nothing in the scenes left out
+        allowed = {"count - 1": {"count", "shape"},
+                   "count + 1": {"count", "shape", "says_color", "says_size", "says_position"},
+                   "shape": {"shape"}, "color": {"color"}, "position": {"cell"}, "size": {"size"},
+                   "background": {"background"}}[kind]
+        fields = [f.name for f in dataclasses.fields(world.Scenes) if f.name != "split"]
+        for j in range(len(scenes)):
+            changed = {f for f in fields if not np.array_equal(getattr(cf, f)[j], getattr(scenes, f)[j])}
+            assert changed <= (allowed if ok[j] else set()), (kind, j, changed)
+            assert not ok[j] or changed & ({"count"} if kind.startswith("count") else allowed), (kind, j)
 
 
 def test_the_probe_runs_on_the_committed_clip_models(tmp_path):

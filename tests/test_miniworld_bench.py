@@ -253,13 +253,20 @@ def test_the_validation_captions_are_other_scenes_of_the_evaluation_split(tmp_pa
 
     real, judged = judges.alignment_breakdown, []
 
+    returned = []
+
     def alignment_breakdown(net, images, scenes_judged):  # the real judge, noting which scenes it judged against
         judged.append(scenes_judged)
-        return real(net, images, scenes_judged)
+        returned.append(real(net, images, scenes_judged))
+        return returned[-1]
 
     monkeypatch.setattr(judges, "alignment_breakdown", alignment_breakdown)
     gen = b.generator("turbo")
     assert b.score(gen, (0,), "validation")["fid"]["runs"] != b.score(gen, (0,))["fid"]["runs"]
+    scored = b.score(gen, (0,))  # its alignment and count are the breakdown's, not another of its shares
+    assert scored["count"]["runs"] == [returned[-1]["count"]] and scored["alignment"]["runs"] == [
+        returned[-1]["alignment"]]
+    judged.pop()  # the extra call above
     assert [world.captions(sc) for sc in judged] == [captions, b.captions]
     with pytest.raises(ValueError, match="split is eval or validation"):
         b.score(gen, (0,), "test")

@@ -132,6 +132,30 @@ def test_the_dmd_weighting_is_what_the_student_step_uses(tiny_cfg):
         torch.manual_seed(1)  # the same z, t and noise for both
         losses[kind] = student_step(m, cfg, emb, null, prompts, 0, nullcontext).logs["loss/vsd"].item()
     assert math.isfinite(losses["dmd"]) and losses["dmd"] != pytest.approx(losses["one_minus_alpha_bar"], rel=1e-3)
+    # the weight the step used is dmd_weight of that step's own x̂0, x_t, t and the guided teacher's ε̂ (not the LoRA
+    # teacher's): the step's VSD inputs and x_t recorded on the way
+    import sb2.train.steps as steps
+
+    seen = {}
+    real_add_noise, real_vsd_loss = steps.add_noise, steps.vsd_loss
+
+    def add_noise(x0, noise, ac, t):
+        seen["x_t"], seen["t"] = real_add_noise(x0, noise, ac, t), t
+        return seen["x_t"]
+
+    def vsd_loss(x0, eps_teacher, eps_lora, weight, reduction):
+        seen.update(x0=x0, eps_teacher=eps_teacher, eps_lora=eps_lora, weight=weight)
+        return real_vsd_loss(x0, eps_teacher, eps_lora, weight, reduction)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steps, "add_noise", add_noise)
+        mp.setattr(steps, "vsd_loss", vsd_loss)
+        torch.manual_seed(1)
+        student_step(m, cfg, emb, null, prompts, 0, nullcontext)
+    expected = dmd_weight(m.alphas_cumprod, seen["t"], seen["x0"], seen["x_t"], seen["eps_teacher"])
+    torch.testing.assert_close(seen["weight"], expected)
+    assert not torch.allclose(expected, dmd_weight(m.alphas_cumprod, seen["t"], seen["x0"], seen["x_t"],
+                                                   seen["eps_lora"]))
 
 
 def test_vsd_gradient_reaches_student_parameters_as_vector_jacobian_product(tiny_world):
