@@ -34,22 +34,30 @@ def test_clip_preprocess_is_differentiable_and_normalizes():
     assert x.grad.abs().sum() > 0
 
 
-def _student_lora_grads(tiny_cfg, clip_weight: float, tau: float):
-    """Gradient of the student's LoRA for one student step with a fixed seed, CLIP weight and threshold."""
-    from contextlib import nullcontext
-
+def _lora_models(cfg):
+    """The lora scheme's models (seed 0), two prompts, their embeddings and the null embedding."""
     from sb2.student import encode_prompts
-    from sb2.train.steps import build_models, student_step
+    from sb2.train.steps import build_models
 
-    cfg = tiny_cfg.model_copy(deep=True)
-    cfg.clip_loss.weight = clip_weight
-    cfg.clip_loss.tau = tau
-    cfg.clip_loss.schedule = "constant"
     torch.manual_seed(0)
     m = build_models(cfg, "lora", "cpu")
     prompts = ["a red fox at sunset", "a lighthouse in the rain"]
     emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
     null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
+    return m, prompts, emb, null
+
+
+def _student_lora_grads(tiny_cfg, clip_weight: float, tau: float):
+    """Gradient of the student's LoRA for one student step with a fixed seed, CLIP weight and threshold."""
+    from contextlib import nullcontext
+
+    from sb2.train.steps import student_step
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.clip_loss.weight = clip_weight
+    cfg.clip_loss.tau = tau
+    cfg.clip_loss.schedule = "constant"
+    m, prompts, emb, null = _lora_models(cfg)
     torch.manual_seed(1)
     loss, _, logs, _ = student_step(m, cfg, emb, null, prompts, 0, nullcontext)
     loss.backward()
@@ -86,18 +94,14 @@ def test_the_clip_loss_through_the_full_vae_decoder(tiny_cfg):
     from contextlib import nullcontext
 
     from sb2.distill.clip_loss import clip_preprocess
-    from sb2.student import decode, encode_prompts
-    from sb2.train.steps import build_models, student_step
+    from sb2.student import decode
+    from sb2.train.steps import student_step
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.clip_loss.decoder = "vae"
     cfg.clip_loss.tau, cfg.clip_loss.weight, cfg.clip_loss.schedule = 1.0, 0.5, "constant"
-    torch.manual_seed(0)
-    m = build_models(cfg, "lora", "cpu")
+    m, prompts, emb, null = _lora_models(cfg)
     assert m.tiny_vae is None and m.vae is not None
-    prompts = ["a red fox at sunset", "a lighthouse in the rain"]
-    emb = encode_prompts(m.text_encoder, m.tokenizer, prompts, "cpu")
-    null = encode_prompts(m.text_encoder, m.tokenizer, [""], "cpu")
     torch.manual_seed(1)
     loss, x0, logs, _ = student_step(m, cfg, emb, null, prompts, 0, nullcontext)
     loss.backward()
