@@ -64,7 +64,7 @@ def run(root: Path, n: int, steps: int, lr: float, tau: float, device: str, at: 
     from sb2.distill.reward import ClipReward, clamped_reward_loss
     from sb2.generation.generator import OneStepGenerator
     from sb2.miniworld import world
-    from sb2.miniworld.judges import load_judge, predict
+    from sb2.miniworld.judges import load_judge, matches_caption, predict, right_count
     from sb2.models.loading import load_clip, load_tiny_vae
     from sb2.student import decode
 
@@ -88,15 +88,13 @@ def run(root: Path, n: int, steps: int, lr: float, tau: float, device: str, at: 
         images = decode(gen.decoder, lat.detach().to(gen.decoder.dtype)).float()
         u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         pred = predict(attributes, u8)
-        right = (pred["shape"] < len(world.SHAPES)).sum(axis=1) == scenes.count[:n]
+        right = right_count(pred, scenes)
         if right0 is None:
             right0 = right
-        from sb2.miniworld.judges import _share
-
         return {"step": step, "cos_loss_tiny": cos_tiny,
                 "cos_loss_vae": float(loss_clip(images, captions).mean()),
                 "cos_judge_vae": float(judge_clip(images, captions).mean()),
-                "alignment": _share(pred, scenes), "count": float(right.mean()),
+                "alignment": matches_caption(pred, scenes), "count": float(right.mean()),
                 "wrong_to_right": float((right & ~right0).sum() / max(1, (~right0).sum())),
                 "right_to_wrong": float((~right & right0).sum() / max(1, right0.sum())),
                 "latent_change": float((lat.detach() - start).norm() / start.norm())}

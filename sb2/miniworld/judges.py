@@ -170,14 +170,22 @@ def _matches(pred: dict, i: int, scenes: Scenes, j: int, ignore: frozenset[str] 
 STATEMENTS = ("background", "shape", "color", "size", "position")
 
 
+def right_count(pred: dict, scenes: Scenes) -> np.ndarray:
+    """Per predicted image (:func:`predict`), whether it shows as many objects as its scene's caption names."""
+    return (pred["shape"] < len(SHAPES)).sum(axis=1) == scenes.count[:len(pred["shape"])]
+
+
+def matches_caption(pred: dict, scenes: Scenes) -> float:
+    """Share of the predicted images (:func:`predict`) that show what their captions state: the alignment."""
+    return _share(pred, scenes)
+
+
 def alignment_breakdown(net: AttributeNet, images_uint8_nchw: torch.Tensor, scenes: Scenes) -> dict[str, float]:
     """What the alignment accuracy loses to each kind of statement: ``alignment`` as :func:`alignment` scores it,
     ``count`` the share with as many objects as the caption names, ``without_<kind>`` the alignment with that kind of
     statement not checked (so ``without_<kind> − alignment`` is the share failed by that kind alone or with others)."""
     pred = predict(net, images_uint8_nchw)
-    n = len(images_uint8_nchw)
-    counts = (pred["shape"] < len(SHAPES)).sum(axis=1)
-    out = {"alignment": _share(pred, scenes), "count": float(np.mean(counts == scenes.count[:n]))}
+    out = {"alignment": _share(pred, scenes), "count": float(np.mean(right_count(pred, scenes)))}
     out.update({f"without_{k}": _share(pred, scenes, frozenset({k})) for k in STATEMENTS})
     return out
 
