@@ -9,10 +9,17 @@ compile without graphs (a third run) and compares graphs against it: what the gr
 ``--noise-floor`` adds a second eager run that differs from the first only in its kernels' order of summation (cuDNN
 autotuning on, bf16 GEMMs' reduced-precision reduction flipped): two equally valid eager students, whose difference is
 what rounding alone, carried through the steps, gives — the scale against which the compiled run's error is read.
+(On an H200 the two flags chose the same kernels for the mini-world: that run came out identical to eager.)
+``--perturb-floor`` adds an eager run from the student's init with each weight multiplied by (1 + 2⁻²⁴·z), z ~ N(0, 1):
+about one fp32 rounding of the weights, far below anything a kernel choice changes. Its distance from the eager run
+is how much the training amplifies the smallest possible perturbation — a noise floor that does not depend on the
+library choosing other kernels. (Its update is taken from the unperturbed init; the init's own change is ~1e-7 of
+the weights, ~1e-3 of a 30-step update at lr 1e-6.)
 
     python bench/cuda_graphs_check.py --schemes full        # GPU: mini-world profile, 30 steps x 64
                                                             # (the graphs run compiles for minutes: one scheme a call)
     python bench/cuda_graphs_check.py --schemes full --noise-floor   # + the eager-vs-eager floor (seconds more)
+    python bench/cuda_graphs_check.py --schemes full --perturb-floor --eager-only  # the perturbed floor alone
     python bench/cuda_graphs_check.py --steps 2 --batch 2   # CPU smoke run (no compile or graphs)
 
 Writes $OUT/cuda_graphs_check.json (or ./). A check, not a timing benchmark: the throughput is the
@@ -43,22 +50,41 @@ from train_step import release_cuda_graphs  # noqa: E402  (the benchmark's reset
 
 RUNS = (("eager", False, False), ("compiled", True, False), ("graphs", True, True))  # name, compile, cuda_graphs
 NOISE_FLOOR = ("eager_reordered", False, False)
+PERTURBED = ("eager_perturbed", False, False)
+PERTURB_REL = 2.0**-24  # one fp32 rounding, relatively
 
 
-def runs_of(with_compiled: bool, noise_floor: bool) -> list[tuple[str, bool, bool]]:
-    """The runs of one scheme, in order: eager, [eager reordered], [compiled], graphs."""
-    return [RUNS[0], *([NOISE_FLOOR] if noise_floor else []), *([RUNS[1]] if with_compiled else []), RUNS[2]]
+def runs_of(with_compiled: bool, noise_floor: bool, perturb_floor: bool = False, eager_only: bool = False
+            ) -> list[tuple[str, bool, bool]]:
+    """The runs of one scheme, in order: eager, [eager reordered], [eager perturbed], [compiled], [graphs]."""
+    return [RUNS[0], *([NOISE_FLOOR] if noise_floor else []), *([PERTURBED] if perturb_floor else []),
+            *([RUNS[1]] if with_compiled and not eager_only else []), *([RUNS[2]] if not eager_only else [])]
 
 
 def pairs_of(names) -> list[tuple[str, str]]:
-    """The comparisons made of the runs present: graphs against eager always; the noise floor and compiled against
-    eager; graphs against compiled (what the graphs alone change)."""
-    out = [("graphs", "eager")]
-    if NOISE_FLOOR[0] in names:
-        out.append((NOISE_FLOOR[0], "eager"))
+    """The comparisons made of the runs present against eager (graphs, the floors, compiled), and graphs against
+    compiled (what the graphs alone change)."""
+    out = [("graphs", "eager")] if "graphs" in names else []
+    for floor in (NOISE_FLOOR[0], PERTURBED[0]):
+        if floor in names:
+            out.append((floor, "eager"))
     if "compiled" in names:
-        out += [("compiled", "eager"), ("graphs", "compiled")]
+        out += [("compiled", "eager")] + ([("graphs", "compiled")] if "graphs" in names else [])
     return out
+
+
+def perturbed_student(cfg, folder: Path, rel: float = PERTURB_REL, seed: int = 1) -> str:
+    """The student's init (``models.student``) with every floating weight multiplied by (1 + rel·z), z ~ N(0, 1) of
+    ``seed``, saved in fp32 to ``folder`` (a path ``models.student=`` takes); returns the folder."""
+    from sb2.models.loading import load_unet
+
+    unet = load_unet(cfg.models.student, cfg.models, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(1 + rel * torch.randn(p.shape, generator=gen))
+    unet.save_pretrained(folder)
+    return str(folder)
 
 
 class reordered:
@@ -132,14 +158,21 @@ def main() -> None:
     ap.add_argument("--with-compiled", action="store_true", help="also compile without graphs (minutes more)")
     ap.add_argument("--noise-floor", action="store_true",
                     help="also a second eager run with another order of summation (seconds more)")
+    ap.add_argument("--perturb-floor", action="store_true",
+                    help="also an eager run from the init perturbed by about one fp32 rounding (seconds more)")
+    ap.add_argument("--eager-only", action="store_true", help="leave out the compiled and graphs runs")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     record = {"card": card, "torch": torch.__version__, "args": vars(args), "runs": [], "comparisons": {}}
     for scheme in args.schemes:
         students = {}
-        for name, compiled, graphs in runs_of(args.with_compiled, args.noise_floor):
-            cfg = load_config(args.profile, [
+        for name, compiled, graphs in runs_of(args.with_compiled, args.noise_floor, args.perturb_floor,
+                                              args.eager_only):
+            base = load_config(args.profile, [])
+            student = ([f"models.student={perturbed_student(base, Path(args.work) / f'{scheme}_perturbed_init')}"]
+                       if name == PERTURBED[0] else [])
+            cfg = load_config(args.profile, student + [
                 f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                 f"train.log_every={max(1, args.steps // 3)}",
                 f"optim.student_lr={args.lr_full if scheme == 'full' else args.lr_lora}",
@@ -157,6 +190,8 @@ def main() -> None:
                    "seconds": round(seconds, 1), "final": final}
             if name == NOISE_FLOOR[0]:
                 run["kernels"] = "cudnn.benchmark on, bf16 reduced-precision reduction flipped"
+            if name == PERTURBED[0]:
+                run["init"] = f"every student weight times (1 + {PERTURB_REL:.3g}·z), z ~ N(0, 1), seed 1"
             if torch.cuda.is_available():
                 run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             record["runs"].append(run)
@@ -167,7 +202,8 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))  # each run as it ends
         pairs = pairs_of(students)
-        init = init_tensors(cfg) if scheme == "full" else None  # the LoRA adapter's init is not saved: none
+        # the unperturbed init; the LoRA adapter's init is not saved: none
+        init = init_tensors(load_config(args.profile, [])) if scheme == "full" else None
         record["comparisons"][scheme] = {f"{a} vs {b}": compare(students[a], students[b], init) for a, b in pairs}
         print(f"{scheme:<4} students compared: {record['comparisons'][scheme]}", flush=True)
         (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))

@@ -201,3 +201,38 @@ def test_the_noise_floor_run_flips_the_kernel_choices_and_restores_them():
     assert [r[0] for r in runs_of(False, True)] == ["eager", "eager_reordered", "graphs"]
     assert [r[0] for r in runs_of(False, False)] == ["eager", "graphs"]
     assert pairs_of(["eager", "eager_reordered", "graphs"]) == [("graphs", "eager"), ("eager_reordered", "eager")]
+
+
+def test_the_perturbed_floor_starts_from_a_one_rounding_perturbation_and_is_compared(tmp_path):
+    """--perturb-floor: the init's weights each move by about one fp32 rounding (never more than a few), some move,
+    and the run from it is trained and compared with eager; --eager-only leaves out compile and graphs."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from cuda_graphs_check import PERTURB_REL, pairs_of, perturbed_student, runs_of
+
+    from sb2.config import load_config
+    from sb2.models.loading import load_unet
+
+    assert [r[0] for r in runs_of(True, False, True, eager_only=True)] == ["eager", "eager_perturbed"]
+    assert [r[0] for r in runs_of(True, True, True)] == ["eager", "eager_reordered", "eager_perturbed", "compiled",
+                                                         "graphs"]
+    assert pairs_of(["eager", "eager_perturbed"]) == [("eager_perturbed", "eager")]
+    assert pairs_of(["eager", "compiled"]) == [("compiled", "eager")]
+    cfg = load_config("tiny", [])
+    before = load_unet(cfg.models.student, cfg.models, dtype=torch.float32).state_dict()
+    after = load_unet(perturbed_student(cfg, tmp_path / "p"), cfg.models, dtype=torch.float32).state_dict()
+    assert before.keys() == after.keys()
+    rel = torch.cat([((after[k] - before[k]) / before[k]).flatten()[before[k].flatten() != 0] for k in before])
+    assert 0 < rel.abs().max() < 8 * PERTURB_REL  # z beyond 6σ is never drawn at this size; the rounding adds ≤ 1 ulp
+    assert (rel != 0).float().mean() > 0.3  # most weights move (|z| ≳ 0.5 changes the fp32 value)
+
+    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
+                        "--schemes", "full", "--steps", "2", "--batch", "2", "--perturb-floor", "--eager-only",
+                        "--work", str(tmp_path / "work")],
+                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+    assert [run["run"] for run in rec["runs"]] == ["eager", "eager_perturbed"] and "init" in rec["runs"][1]
+    cmp = rec["comparisons"]["full"]["eager_perturbed vs eager"]
+    assert not cmp["identical"] and 0 < cmp["rel_err"] < 1e-5  # the perturbation reached the student, and stayed small
