@@ -228,6 +228,8 @@ def main() -> None:
                     print(f"1 process: {baseline['samples_per_s']:.1f} samples/s, from {args.baseline} (same card?)")
                 elif not args.only_many:
                     if not fits(f"1 process{tag}"):
+                        baselines.append({"processes": 1, "skipped": "budget", "round": rnd})
+                        report()
                         stop = True
                         continue
                     out = work / f"run-1-{rnd}"
@@ -269,7 +271,8 @@ def main() -> None:
             for r in mine:
                 if "samples_per_s" in r:
                     r["scaling_efficiency"] = r["samples_per_s"] / (args.gpus * baseline["samples_per_s"])
-        done[0] = rnd + 1
+        if baseline or args.only_many:  # a round is done when its efficiencies could be taken
+            done[0] = rnd + 1
         report()
         if stop:
             break
@@ -278,7 +281,8 @@ def main() -> None:
           f"{time.perf_counter() - t_start:.0f} s")
     for b in baselines:
         print(f"1 process{'' if args.rounds == 1 else ', round ' + str(b.get('round', 0) + 1)}: "
-              f"{b['samples_per_s']:.1f} samples/s")
+              + (f"{b['samples_per_s']:.1f} samples/s" if "samples_per_s" in b else
+                 "skipped (budget)" if "skipped" in b else f"failed: {b.get('error')}"))
     print(f"| variant ({args.gpus} processes) | overrides | samples/s | scaling efficiency | wall s |")
     print("| --- | --- | --- | --- | --- |")
     for r in runs:

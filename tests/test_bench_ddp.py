@@ -41,3 +41,17 @@ def test_rounds_need_a_one_process_run_of_their_own(tmp_path):
                         "--baseline", str(tmp_path / "earlier.json")], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, check=False)
     assert r.returncode == 2 and "not with --baseline" in r.stderr
+
+
+def test_a_round_without_its_one_process_run_is_recorded_and_not_counted_done(tmp_path):
+    """Past the budget from the start: the 1-process run is recorded as skipped (also in the summary), the 2-process
+    runs too, no efficiency is reported, and no round counts as done."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_ddp.py"), "--tiny", "--rounds", "2",
+                        "--budget-s", "0.001", "--work", str(tmp_path / "work")], cwd=ROOT,
+                       env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rec = json.loads((tmp_path / "train_ddp.json").read_text())
+    assert rec["rounds_done"] == 0 and rec["scaling_efficiency"] == {}
+    assert [(x["processes"], x.get("skipped")) for x in rec["runs"]] == [(1, "budget"), (2, "budget")]
+    assert "1 process, round 1: skipped (budget)" in r.stdout
