@@ -9,12 +9,14 @@ compile without graphs (a third run) and compares graphs against it: what the gr
 ``--noise-floor`` adds a second eager run that differs from the first only in its kernels' order of summation (cuDNN
 autotuning on, bf16 GEMMs' reduced-precision reduction flipped): two equally valid eager students, whose difference is
 what rounding alone, carried through the steps, gives — the scale against which the compiled run's error is read.
-(On an H200 the two flags chose the same kernels for the mini-world: that run came out identical to eager.)
-``--perturb-floor`` adds an eager run from the student's init with each weight multiplied by (1 + 2⁻²⁴·z), z ~ N(0, 1):
-about one fp32 rounding of the weights, far below anything a kernel choice changes. Its distance from the eager run
-is how much the training amplifies the smallest possible perturbation — a noise floor that does not depend on the
-library choosing other kernels. (Its update is taken from the unperturbed init; the init's own change is ~1e-7 of
-the weights, ~1e-3 of a 30-step update at lr 1e-6.)
+(On an H200 the mini-world's eager student came out bit-identical with the two flags: no floor there.)
+``--perturb-floor`` adds an eager run from the student's init with each weight w moved to w + w·2⁻²⁴·z, z ~ N(0, 1)
+(``--perturb-seed``): about one fp32 rounding of each weight (a weight moves by one ulp where |z| is above 0.5–1,
+else not at all). The bf16 matmuls and convolutions of autocast see it only where a weight sits at a bf16 rounding
+boundary, there as one bf16 step; fp32 operations (norms, the optimizer) see it as it is. Its distance from the eager
+run is how far the training carries that: a noise floor that does not depend on the library choosing other
+kernels. One draw is one sample of that floor. (Its update is taken from the eager run's unperturbed init; the
+init's own change, ~6e-8 of the weights, is ~3e-4 of a 30-step update at lr 1e-6.)
 
     python bench/cuda_graphs_check.py --schemes full        # GPU: mini-world profile, 30 steps x 64
                                                             # (the graphs run compiles for minutes: one scheme a call)
@@ -81,8 +83,8 @@ def perturbed_student(cfg, folder: Path, rel: float = PERTURB_REL, seed: int = 1
     unet = load_unet(cfg.models.student, cfg.models, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in unet.parameters():
-            p.mul_(1 + rel * torch.randn(p.shape, generator=gen))
+        for p in unet.parameters():  # w + w·rel·z, not w·(1 + rel·z): 1 + rel·z would round to steps of 2⁻²³
+            p.add_(p * (rel * torch.randn(p.shape, generator=gen)))
     unet.save_pretrained(folder)
     return str(folder)
 
@@ -159,9 +161,13 @@ def main() -> None:
     ap.add_argument("--noise-floor", action="store_true",
                     help="also a second eager run with another order of summation (seconds more)")
     ap.add_argument("--perturb-floor", action="store_true",
-                    help="also an eager run from the init perturbed by about one fp32 rounding (seconds more)")
+                    help="also an eager run from the init with each weight moved by 2^-24 of itself times N(0, 1) "
+                         "(seconds more)")
+    ap.add_argument("--perturb-seed", type=int, default=1, help="the perturbation's draw (several: one call each)")
     ap.add_argument("--eager-only", action="store_true", help="leave out the compiled and graphs runs")
     args = ap.parse_args()
+    if args.eager_only and args.with_compiled:
+        ap.error("--eager-only leaves out the compiled runs: not with --with-compiled")
     out = Path(os.environ.get("OUT", "."))
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     record = {"card": card, "torch": torch.__version__, "args": vars(args), "runs": [], "comparisons": {}}
@@ -169,16 +175,19 @@ def main() -> None:
         students = {}
         for name, compiled, graphs in runs_of(args.with_compiled, args.noise_floor, args.perturb_floor,
                                               args.eager_only):
-            base = load_config(args.profile, [])
-            student = ([f"models.student={perturbed_student(base, Path(args.work) / f'{scheme}_perturbed_init')}"]
-                       if name == PERTURBED[0] else [])
-            cfg = load_config(args.profile, student + [
+            overrides = [
                 f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                 f"train.log_every={max(1, args.steps // 3)}",
                 f"optim.student_lr={args.lr_full if scheme == 'full' else args.lr_lora}",
                 "train.seed=0", f"train.compile={str(compiled).lower()}", f"train.cuda_graphs={str(graphs).lower()}",
                 "tracking.enabled=false", "tracking.image_every=0",
-                f"checkpoint.every={max(1, args.steps // 2)}", "checkpoint.resume=false"])
+                f"checkpoint.every={max(1, args.steps // 2)}", "checkpoint.resume=false"]
+            cfg = load_config(args.profile, overrides)
+            if name == "eager":
+                reference_cfg = cfg  # its models.student is the init every update is measured from
+            if name == PERTURBED[0]:  # the same run's student, perturbed, in its place
+                folder = perturbed_student(cfg, Path(args.work) / f"{scheme}_perturbed_init", seed=args.perturb_seed)
+                cfg = load_config(args.profile, overrides + [f"models.student={folder}"])
             run_dir = Path(args.work) / f"{scheme}_{name}"
             t0 = time.perf_counter()
             with reordered() if name == NOISE_FLOOR[0] else contextlib.nullcontext():
@@ -191,7 +200,8 @@ def main() -> None:
             if name == NOISE_FLOOR[0]:
                 run["kernels"] = "cudnn.benchmark on, bf16 reduced-precision reduction flipped"
             if name == PERTURBED[0]:
-                run["init"] = f"every student weight times (1 + {PERTURB_REL:.3g}·z), z ~ N(0, 1), seed 1"
+                run["init"] = (f"every student weight w + w·{PERTURB_REL:.3g}·z, z ~ N(0, 1) of seed "
+                               f"{args.perturb_seed} ({cfg.models.student})")
             if torch.cuda.is_available():
                 run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             record["runs"].append(run)
@@ -202,9 +212,11 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))  # each run as it ends
         pairs = pairs_of(students)
-        # the unperturbed init; the LoRA adapter's init is not saved: none
-        init = init_tensors(load_config(args.profile, [])) if scheme == "full" else None
+        # the eager run's (unperturbed) init; the LoRA adapter's init is not saved: none
+        init = init_tensors(reference_cfg) if scheme == "full" else None
         record["comparisons"][scheme] = {f"{a} vs {b}": compare(students[a], students[b], init) for a, b in pairs}
+        if init is not None:
+            record.setdefault("updates_from", {})[scheme] = reference_cfg.models.student
         print(f"{scheme:<4} students compared: {record['comparisons'][scheme]}", flush=True)
         (out / "cuda_graphs_check.json").write_text(json.dumps(record, indent=1))
     print(f"card: {card}, torch {torch.__version__}", flush=True)

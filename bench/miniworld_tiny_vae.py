@@ -5,9 +5,10 @@
 The committed TinyVAE (``data/miniworld/tiny_vae``) was distilled for 12 s (PSNR 19 dB); the lora scheme decodes its
 CLIP loss through it. This script renders the training pairs as ``sb2 miniworld pretrain`` does, encodes them with the
 committed VAE, distils a TinyVAE with pretrain's own trainer (``sb2.miniworld.vae.train_tiny_vae``, the same recipe
-and seed) under the given time cap, saves it to ``--to`` (a folder ``models.tiny_vae=`` can name), and reports its
-reconstruction error on the evaluation images beside the committed one's, measured in the same run. Writes
-$OUT/tiny_vae.json when OUT is set. A benchmark, not a test.
+and seed) under the given time cap, saves it to ``--to`` (a folder ``models.tiny_vae=`` can name; never inside the
+world folder), and reports its reconstruction error on the first 1,024 evaluation images (as the card measures it)
+beside the committed one's, measured in the same run. Writes $OUT/tiny_vae.json when OUT is set. A benchmark, not a
+test.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+EVAL_IMAGES = 1024  # the card measures the TinyVAE on the first 1,024 evaluation images
 
 
 def main(argv=None) -> dict:
@@ -43,14 +47,19 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.seconds <= 0:
         ap.error("--seconds must be positive")
+    if args.steps is not None and args.steps <= 0 or args.pairs is not None and args.pairs <= 0:
+        ap.error("--steps and --pairs must be positive")
     cfg = PretrainConfig()
     world_dir = Path(args.world)
     if not (world_dir / "teacher" / "vae").is_dir():
         ap.error(f"{world_dir} holds no teacher/vae: not a mini-world folder")
+    to = Path(args.to).resolve()
+    if to == world_dir.resolve() or world_dir.resolve() in to.parents:
+        ap.error(f"--to {args.to} is inside the world folder {world_dir}: this script never writes there")
     pairs = args.pairs or cfg.train_pairs
     t = time.perf_counter()  # rendering forks workers: before anything touches CUDA
     images, captions, scenes = render_pairs(cfg.seed, "train", pairs, args.workers)
-    ev_images, _, _ = render_pairs(cfg.seed, "eval", cfg.eval_pairs, args.workers)
+    ev_images, _, _ = render_pairs(cfg.seed, "eval", EVAL_IMAGES, args.workers)  # the first: scene i is fixed
     render_s = time.perf_counter() - t
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
@@ -58,9 +67,10 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     vae = AutoencoderKL.from_pretrained(str(world_dir / "teacher" / "vae")).to(device).eval().requires_grad_(False)
     data = WorldData(torch.from_numpy(images).to(device), captions, scenes)
-    ev = torch.from_numpy(ev_images).to(device)[:1024]  # as the card measures it
+    ev = torch.from_numpy(ev_images).to(device)
     latents = encode_all(vae, data.images)
-    tiny, info = train_tiny_vae(vae, data, latents, args.steps or cfg.tiny_vae_steps, cfg.batch, 1e-3, cfg.seed + 3,
+    steps = cfg.tiny_vae_steps if args.steps is None else args.steps
+    tiny, info = train_tiny_vae(vae, data, latents, steps, cfg.batch, 1e-3, cfg.seed + 3,
                                 device, cfg.vae_width, args.seconds)
     save_half(tiny, args.to)
     committed = AutoencoderTiny.from_pretrained(str(world_dir / "tiny_vae")).to(device).eval()

@@ -145,6 +145,14 @@ def run(n: int, args, teacher: str, student: str, prompts: Path, out: Path, extr
     return {**base, "samples_per_s": statistics.median(steady), "windows": tput, "wall_s": wall}
 
 
+def round_done(runs_of_round: list[dict], only_many: bool = False) -> bool:
+    """A round is done when it gave a figure: an efficiency (its N-process run against its own 1-process run), or
+    under ``--only-many`` (no 1-process run) an N-process rate. A round whose 1-process run or every N-process run
+    was skipped or failed is not."""
+    key = "samples_per_s" if only_many else "scaling_efficiency"
+    return any(key in r for r in runs_of_round)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=2)
@@ -271,7 +279,7 @@ def main() -> None:
             for r in mine:
                 if "samples_per_s" in r:
                     r["scaling_efficiency"] = r["samples_per_s"] / (args.gpus * baseline["samples_per_s"])
-        if baseline or args.only_many:  # a round is done when its efficiencies could be taken
+        if round_done(mine, args.only_many):
             done[0] = rnd + 1
         report()
         if stop:

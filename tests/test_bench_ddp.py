@@ -47,7 +47,7 @@ def test_a_round_without_its_one_process_run_is_recorded_and_not_counted_done(tm
     """Past the budget from the start: the 1-process run is recorded as skipped (also in the summary), the 2-process
     runs too, no efficiency is reported, and no round counts as done."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_ddp.py"), "--tiny", "--rounds", "2",
-                        "--budget-s", "0.001", "--work", str(tmp_path / "work")], cwd=ROOT,
+                        "--budget-s", "0", "--work", str(tmp_path / "work")], cwd=ROOT,
                        env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600,
                        check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -55,3 +55,16 @@ def test_a_round_without_its_one_process_run_is_recorded_and_not_counted_done(tm
     assert rec["rounds_done"] == 0 and rec["scaling_efficiency"] == {}
     assert [(x["processes"], x.get("skipped")) for x in rec["runs"]] == [(1, "budget"), (2, "budget")]
     assert "1 process, round 1: skipped (budget)" in r.stdout
+
+
+def test_a_round_is_done_only_when_it_gave_its_figure():
+    """The GPU run's case among them: round 2's N-process runs measured, its 1-process run skipped (no efficiency)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_ddp import round_done
+
+    measured = {"variant": "default", "samples_per_s": 52.3}
+    assert not round_done([measured])  # no 1-process run of its own: no efficiency
+    assert round_done([measured, {**measured, "scaling_efficiency": 0.97}])
+    assert not round_done([{"variant": "default", "skipped": "budget"}, {"variant": "x", "error": "exit 1"}])
+    assert not round_done([])
+    assert round_done([measured], only_many=True) and not round_done([{"skipped": "budget"}], only_many=True)

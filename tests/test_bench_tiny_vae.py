@@ -38,6 +38,7 @@ def test_the_tiny_vae_is_distilled_saved_loadable_and_measured_beside_the_commit
 
 
 @pytest.mark.parametrize("args, message", [(["--seconds", "0"], "--seconds must be positive"),
+                                           (["--steps", "0"], "must be positive"),
                                            (["--world", "/tmp"], "not a mini-world folder")])
 def test_bad_arguments_are_refused(tmp_path, capsys, args, message):
     from miniworld_tiny_vae import main
@@ -46,3 +47,11 @@ def test_bad_arguments_are_refused(tmp_path, capsys, args, message):
         main(["--to", str(tmp_path / "tv"), *args])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "tv").exists()
+
+
+def test_it_never_writes_into_the_world_folder(capsys):
+    from miniworld_tiny_vae import main
+
+    with pytest.raises(SystemExit):
+        main(["--to", str(ROOT / "data" / "miniworld" / "tiny_vae")])
+    assert "inside the world folder" in capsys.readouterr().err
