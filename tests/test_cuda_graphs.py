@@ -131,17 +131,23 @@ def test_each_iteration_marks_a_new_step_before_the_student_runs(tiny_cfg, monke
     assert events == (["mark", "student"] * 3 if graphs else ["student"] * 3)
 
 
+
+def run_check(tmp_path, *args) -> dict:
+    """bench/cuda_graphs_check.py on the tiny profile with ``args``, its JSON in ``tmp_path``."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny", *args,
+                        "--work", str(tmp_path / "work")],
+                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+
+
 def test_the_gpu_check_script_runs(tmp_path):
     """bench/cuda_graphs_check.py on CPU, where compile and graphs are off (the switch only marks steps there): the
     loop accepts the switch end to end and the script compares the graphs run's student and losses with the eager
     run's."""
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
-                        "--schemes", "full", "--steps", "2", "--batch", "2", "--work", str(tmp_path / "work")],
-                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
-                       timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+    rec = run_check(tmp_path, "--schemes", "full", "--steps", "2", "--batch", "2")
     assert [(run["scheme"], run["compile"], run["cuda_graphs"]) for run in rec["runs"]] == [("full", False, False),
                                                                                           ("full", True, True)]
     cmp = rec["comparisons"]["full"]["graphs vs eager"]
@@ -167,14 +173,7 @@ def test_the_check_compares_updates_from_the_init():
 
 
 def test_the_gpu_check_script_compares_graphs_with_compiled_when_asked(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
-                        "--schemes", "lora", "--steps", "1", "--batch", "2", "--with-compiled", "--noise-floor",
-                        "--work", str(tmp_path / "work")],
-                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
-                       timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+    rec = run_check(tmp_path, "--schemes", "lora", "--steps", "1", "--batch", "2", "--with-compiled", "--noise-floor")
     assert [run["run"] for run in rec["runs"]] == ["eager", "eager_reordered", "compiled", "graphs"]
     assert set(rec["comparisons"]["lora"]) == {"graphs vs eager", "eager_reordered vs eager", "compiled vs eager",
                                                 "graphs vs compiled"}
@@ -233,13 +232,7 @@ def test_the_perturbed_floor_starts_from_a_one_rounding_perturbation_and_is_comp
     another = load_unet(perturbed_student(cfg, tmp_path / "q", seed=2), cfg.models, dtype=torch.float32).state_dict()
     assert any(not torch.equal(another[k], after[k]) for k in before)  # --perturb-seed draws another perturbation
 
-    r = subprocess.run([sys.executable, str(root / "bench" / "cuda_graphs_check.py"), "--profile", "tiny",
-                        "--schemes", "full", "--steps", "2", "--batch", "2", "--perturb-floor", "--eager-only",
-                        "--work", str(tmp_path / "work")],
-                       cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
-                       timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rec = json.loads((tmp_path / "cuda_graphs_check.json").read_text())
+    rec = run_check(tmp_path, "--schemes", "full", "--steps", "2", "--batch", "2", "--perturb-floor", "--eager-only")
     assert [run["run"] for run in rec["runs"]] == ["eager", "eager_perturbed"]
     assert str(tmp_path / "work" / "full_perturbed_init") in rec["runs"][1]["init"]  # trained from the perturbed init
     cmp = rec["comparisons"]["full"]["eager_perturbed vs eager"]
