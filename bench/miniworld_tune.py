@@ -5,7 +5,7 @@
 
 Each variant is ``ROW|override|override...`` with ROW = A (full, VSD), B (LoRA + clamped CLIP + schedule) or M (both
 trained with the overrides, then merged at λ = 0.5: the A, B and merged rows), or ``T|CFG``: the teacher at that
-guidance (the bench's 25 DDIM steps; no student). Writes
+guidance (the bench's 25 DDIM steps; no student), ``T|CFG|steps=N`` at N DDIM steps. Writes
 $OUT/tune.json (or ./tune.json). With ``--parallel N`` each variant runs in its own process (N at a time, each
 killed after ``--timeout-s``): the tiny UNet's training loop is bound by the CPU's kernel launches, so one GPU trains
 several side by side; ``--mps`` first tries to start CUDA MPS (kernels of different processes then run
@@ -58,9 +58,11 @@ def main() -> None:
         for student in variant_students(row):
             group, scheme, _ = bench.STUDENTS[student]
             bench.STUDENTS[student] = (group, scheme, base[student] + overrides)
+        steps = teacher_steps(row, overrides)
         plan = bench.Plan(num_captions=args.captions, seeds=(0,), train_steps=args.steps, batch_size=args.batch,
                           sweep=False, rows=labels, full_lr=args.lr_full, lora_lr=args.lr_lora,
-                          grid_captions=4, train_seeds=(0,))  # one student a variant: a variant sets train.seed
+                          grid_captions=4, train_seeds=(0,),  # one student a variant: a variant sets train.seed
+                          **({"teacher_steps": steps} if steps else {}))
         rec = bench.run(f"/tmp/{args.name}/out{i}", plan, device=args.device, work=f"/tmp/{args.name}/work{i}")
         scores = {lab: {k: rec["rows"][lab][k]["mean"] for k in ("fid", "precision", "recall", "clip_score",
                                                                  "alignment", "count") if k in rec["rows"][lab]}
@@ -73,14 +75,28 @@ def main() -> None:
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
 
 
+def teacher_steps(row: str, overrides: list[str]) -> int | None:
+    """The DDIM steps a teacher variant asks for (``T|CFG|steps=N``); None for the bench's own (25) or a student."""
+    if row != "T":
+        return None
+    steps = [o.removeprefix("steps=") for o in overrides if o.startswith("steps=")]
+    if not steps:
+        return None
+    if len(steps) > 1 or not steps[0].isdigit() or int(steps[0]) < 1:
+        raise SystemExit(f"a teacher variant's steps=N is one positive integer (got T|{'|'.join(overrides)})")
+    return int(steps[0])
+
+
 def variant_rows(row: str, overrides: list[str]) -> list[str]:
-    """The bench rows a variant scores (the last is its headline); ``T|CFG`` adds a teacher row at that guidance."""
+    """The bench rows a variant scores (the last is its headline); ``T|CFG`` adds a teacher row at that guidance,
+    ``T|CFG|steps=N`` at N DDIM steps instead of the bench's 25."""
     if row == "T":
+        steps = teacher_steps(row, overrides)
         try:
-            (cfg,) = (float(o) for o in overrides)
+            (cfg,) = (float(o) for o in overrides if not o.startswith("steps="))
         except ValueError:  # several values, none, or not a number
-            raise SystemExit(f"a teacher variant is T|CFG (got T|{'|'.join(overrides)})") from None
-        label = f"teacher, cfg {cfg:g}"
+            raise SystemExit(f"a teacher variant is T|CFG or T|CFG|steps=N (got T|{'|'.join(overrides)})") from None
+        label = f"teacher, cfg {cfg:g}" + (f", {steps} step{'s' * (steps > 1)}" if steps else "")
         if label not in {lab for _, lab, _ in bench.ROWS}:
             bench.ROWS.append(("Table 1: the teacher (multi-step, DDIM)", label, f"teacher:{cfg}"))
             bench.ORDER.insert(0, label)

@@ -192,16 +192,19 @@ def test_the_tuning_script_runs_variants_side_by_side_and_records_the_device(tmp
 
     root = Path(__file__).resolve().parents[1]
     name = f"tune_par_{os.getpid()}"
-    r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "T|1.5", "T|2",
+    r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "T|1.5", "T|2|steps=2",
                         "--parallel", "2", "--captions", "16", "--device", "cpu", "--name", name],
                        cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
                        timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rec = json.loads((tmp_path / f"{name}.json").read_text())
     assert rec["device"] == "cpu" and rec["parallel"] == 2 and rec["seconds"] > 0
-    assert [v["variant"] for v in rec["variants"]] == ["T|1.5", "T|2"]
+    assert [v["variant"] for v in rec["variants"]] == ["T|1.5", "T|2|steps=2"]
     assert all(v["status"].startswith("exit 0") and v["fid"] > 0 for v in rec["variants"])
-    assert rec["variants"][0]["fid"] != rec["variants"][1]["fid"]  # two guidance scales, two scores
+    assert rec["variants"][0]["fid"] != rec["variants"][1]["fid"]  # two teachers, two scores
+    # each variant's bench sampled the teacher at its own step count (the child of variant i is named NAME_i)
+    steps = [json.loads(Path(f"/tmp/{name}_{i}/out0/results.json").read_text())["teacher_steps"] for i in (0, 1)]
+    assert steps == [25, 2]
 
 
 def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
@@ -215,7 +218,8 @@ def test_the_tuning_script_trains_one_student_per_variant(tmp_path):
     root = Path(__file__).resolve().parents[1]
     # an override may carry a YAML mapping: its braces are not the bench's {teacher}/{reg} placeholders
     r = subprocess.run([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants",
-                        "A|train.seed=1|optim.student_lr_scale={attn2: 2}", "T|1.5", "--steps", "1", "--batch", "2", "--captions", "16", "--device", "cpu",
+                        "A|train.seed=1|optim.student_lr_scale={attn2: 2}", "T|1.5", "--steps", "1", "--batch", "2",
+                        "--captions", "16", "--device", "cpu",
                         "--name", f"tune_test_{os.getpid()}"],
                        cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
                        timeout=900, check=False)
@@ -291,9 +295,15 @@ def test_tuning_variants_name_their_rows(monkeypatch):
         assert tune.variant_rows("T", ["1.5"]) == ["teacher, cfg 1.5"]
     assert len(bench.ROWS) == rows + 1 and bench.ROWS[-1][2] == "teacher:1.5" and bench.ORDER[0] == "teacher, cfg 1.5"
     assert set(bench.ORDER) == {label for _, label, _ in bench.ROWS} | {"sweep"}
-    for row, overrides in (("T", []), ("T", ["1.5", "x=1"]), ("T", ["abc"]), ("C", [])):
+    for row, overrides in (("T", []), ("T", ["1.5", "x=1"]), ("T", ["abc"]), ("C", []), ("T", ["1.5", "steps=0"]),
+                           ("T", ["1.5", "steps=2", "steps=4"]), ("T", ["steps=4"])):
         with pytest.raises(SystemExit):
             tune.variant_rows(row, overrides)
+    # T|CFG|steps=N: the teacher at N DDIM steps, its own row; the bench's 25 steps otherwise
+    assert tune.variant_rows("T", ["2", "steps=4"]) == ["teacher, cfg 2, 4 steps"]
+    assert bench.ROWS[-1][1:] == ("teacher, cfg 2, 4 steps", "teacher:2.0")
+    assert tune.teacher_steps("T", ["2", "steps=4"]) == 4 and tune.teacher_steps("T", ["2"]) is None
+    assert tune.teacher_steps("A", ["steps=4"]) is None  # a student's overrides are config keys, never steps
     # whose training the overrides change: M trains both branches with them, a teacher row trains nothing
     assert [tune.variant_students(r) for r in ("A", "B", "M", "T")] == [("A",), ("B",), ("A", "B"), ()]
 
