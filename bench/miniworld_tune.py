@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sb2.miniworld import bench
+from sb2.miniworld import bench  # noqa: E402
 
 LABELS = {"A": "A: full, VSD", "B": "B: LoRA, clamped + schedule (B)"}
 
@@ -158,13 +159,21 @@ def run_parallel(args, out: Path) -> None:
     mps = start_mps() if args.mps else "not started by this script"
     print(f"MPS: {mps}", flush=True)
     running: list[tuple[int, str, subprocess.Popen, float]] = []
+    # `timeout` and schedulers stop a command with SIGTERM, whose default ends Python at once, skipping the cleanup
+    # below: made an exception here, it runs it
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         _run_variants(args, out, mps, running)
-    finally:  # an error or Ctrl-C here must not leave the children training on the GPU, nor our daemon running
+    finally:  # an error, Ctrl-C or SIGTERM here must not leave the children training on the GPU, nor our daemon running
         for _, _, proc, _ in running:
             proc.kill()
         if mps == "started":
             stop_mps()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _run_variants(args, out: Path, mps: str, running: list) -> None:

@@ -418,3 +418,41 @@ def test_a_record_written_before_the_count_score_still_renders(tmp_path):
     from sb2.miniworld import report
 
     assert report._cell(None) == "—" and report._cell(new["count"]) == "0.75 ± 0.01"
+
+
+def test_a_terminated_tuning_run_takes_its_children_with_it(tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) to a --parallel run: its variant processes are killed too, not
+    left training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name = f"tune_term_{os.getpid()}"
+    parent = subprocess.Popen([sys.executable, str(root / "bench" / "miniworld_tune.py"), "--variants", "A", "A",
+                               "--parallel", "2", "--steps", "100000", "--batch", "2", "--captions", "16",
+                               "--device", "cpu", "--name", name],
+                              cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        r = subprocess.run(["pgrep", "-f", "--", f"--name {name}_"], capture_output=True, text=True, check=False)
+        return [int(p) for p in r.stdout.split()]
+
+    try:
+        deadline = time.time() + 120
+        while len(children()) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(children()) == 2, "the two variant processes never started"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while children() and time.time() < deadline:
+            time.sleep(0.5)
+        assert children() == []
+    finally:  # whatever failed, nothing of this test keeps running
+        parent.kill()
+        subprocess.run(["pkill", "-9", "-f", "--", f"--name {name}_"], check=False)
