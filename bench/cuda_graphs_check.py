@@ -76,7 +76,7 @@ def pairs_of(names) -> list[tuple[str, str]]:
 
 
 def perturbed_student(cfg, folder: Path, rel: float = PERTURB_REL, seed: int = 1) -> str:
-    """The student's init (``models.student``) with every floating weight multiplied by (1 + rel·z), z ~ N(0, 1) of
+    """The student's init (``models.student``) with every floating weight w moved to w + w·rel·z, z ~ N(0, 1) of
     ``seed``, saved in fp32 to ``folder`` (a path ``models.student=`` takes); returns the folder."""
     from sb2.models.loading import load_unet
 
